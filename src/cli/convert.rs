@@ -1,0 +1,124 @@
+//! `import-peft`, `export-peft` and `inspect`: moving prefixes between formats.
+
+use anyhow::{bail, Context};
+use std::path::PathBuf;
+
+use super::ModelArgs;
+use crate::model::PrefixedBert;
+use crate::prefix::peft::{self, ImportOptions};
+use crate::prefix::{PrefixFile, ProblemType};
+
+#[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
+    pub adapter_dir: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Task name stored in the file (default: the adapter directory's name).
+    #[arg(long)]
+    pub task: Option<String>,
+    /// Label names in classifier-row order, comma-separated (default: LABEL_0, LABEL_1, ...).
+    #[arg(long, value_delimiter = ',')]
+    pub labels: Option<Vec<String>>,
+    /// single-label (softmax scores) or multi-label (sigmoid scores).
+    #[arg(long, value_parser = parse_problem_type)]
+    pub problem_type: Option<ProblemType>,
+    /// Output native prefix file.
+    #[arg(short, long)]
+    pub output: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    /// Native prefix file.
+    pub file: PathBuf,
+    /// Output PEFT adapter directory (created if missing).
+    #[arg(short, long)]
+    pub output: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InspectArgs {
+    /// Native prefix file.
+    pub file: PathBuf,
+    /// Print the metadata as JSON instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn parse_problem_type(s: &str) -> Result<ProblemType, String> {
+    ProblemType::parse(s).ok_or_else(|| format!("{s:?}: expected single-label or multi-label"))
+}
+
+pub fn import(args: ImportArgs) -> anyhow::Result<()> {
+    if !args.adapter_dir.is_dir() {
+        bail!("{}: not a directory", args.adapter_dir.display());
+    }
+    // Only the model's shape and fingerprint are needed, but loading it also proves it is usable.
+    let model = PrefixedBert::load(&args.model.model, &crate::model::default_device())?;
+    let opts = ImportOptions {
+        task: args.task,
+        labels: args.labels,
+        problem_type: args.problem_type,
+    };
+    let file = peft::import_dir(&args.adapter_dir, &opts, model.info())
+        .with_context(|| format!("{}", args.adapter_dir.display()))?;
+    file.write(&args.output)?;
+    eprintln!(
+        "wrote {} (task {:?}, {} labels, P = {})",
+        args.output.display(),
+        file.meta.task,
+        file.num_labels(),
+        file.meta.num_virtual_tokens
+    );
+    Ok(())
+}
+
+pub fn export(args: ExportArgs) -> anyhow::Result<()> {
+    let file = PrefixFile::read(&args.file).with_context(|| format!("{}", args.file.display()))?;
+    peft::export_dir(&file, &args.output)?;
+    eprintln!("wrote PEFT adapter {}", args.output.display());
+    Ok(())
+}
+
+pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
+    let bytes = std::fs::read(&args.file).with_context(|| format!("{}", args.file.display()))?;
+    let file =
+        PrefixFile::from_bytes(&bytes).with_context(|| format!("{}", args.file.display()))?;
+    let m = &file.meta;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(m)?);
+        return Ok(());
+    }
+    let b = &m.base_model;
+    let norm = |xs: &[f32]| xs.iter().map(|x| x * x).sum::<f32>().sqrt();
+    println!(
+        "file:           {} ({} bytes)",
+        args.file.display(),
+        bytes.len()
+    );
+    println!("task:           {}", m.task);
+    println!("labels:         {}", m.labels.join(", "));
+    println!("problem type:   {}", m.problem_type.as_str());
+    println!("virtual tokens: {}", m.num_virtual_tokens);
+    println!(
+        "base model:     {} ({} layers, hidden {}, {} heads)",
+        b.name, b.layers, b.hidden, b.heads
+    );
+    println!(
+        "fingerprint:    {}",
+        b.fingerprint
+            .as_deref()
+            .unwrap_or("(none: runs on any model of this shape)")
+    );
+    println!(
+        "prefix norm:    {:.3}   head norm: {:.3}",
+        norm(&file.prompt_embeddings.data),
+        norm(&file.classifier_weight.data)
+    );
+    println!("source:         {}", m.source.kind);
+    for (k, v) in &m.source.details {
+        println!("  {k}: {v}");
+    }
+    Ok(())
+}

@@ -1,0 +1,78 @@
+//! The `prefixd` command line. Each subcommand is a config struct (its clap arguments) and a
+//! `run` function in its own module.
+
+mod bench;
+mod classify;
+mod convert;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+/// Serve, train and convert prefix-tuned BERT text classifiers.
+#[derive(Debug, Parser)]
+#[command(name = "prefixd", version, about, long_about = None)]
+pub struct Cli {
+    /// More log output (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Classify texts with one task prefix (a native file or a PEFT adapter directory).
+    Classify(classify::ClassifyArgs),
+    /// Convert a PEFT prefix-tuning adapter directory into a native prefix file.
+    ImportPeft(convert::ImportArgs),
+    /// Write a native prefix file out as a PEFT adapter directory.
+    ExportPeft(convert::ExportArgs),
+    /// Print a human-readable summary of a prefix file.
+    Inspect(convert::InspectArgs),
+    /// Measure engine throughput on synthetic inputs; prints one JSON object.
+    Bench(bench::BenchArgs),
+}
+
+/// The base model directory argument shared by every command that runs the model.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelArgs {
+    /// Hugging Face BERT directory (config.json, tokenizer.json, model.safetensors).
+    #[arg(long, env = "PREFIXD_MODEL", default_value = "models/all-minilm-l6-v2")]
+    pub model: PathBuf,
+    /// Truncate inputs to this many tokens (also capped at max_position_embeddings − P).
+    #[arg(long, env = "PREFIXD_MAX_LENGTH", default_value_t = 512)]
+    pub max_length: usize,
+}
+
+impl ModelArgs {
+    pub fn engine_config(&self) -> crate::engine::EngineConfig {
+        crate::engine::EngineConfig {
+            model_dir: self.model.clone(),
+            max_length: self.max_length,
+        }
+    }
+}
+
+pub fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "warn,prefixd=info",
+        1 => "info,prefixd=debug",
+        _ => "debug,prefixd=trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Classify(a) => classify::run(a),
+        Command::ImportPeft(a) => convert::import(a),
+        Command::ExportPeft(a) => convert::export(a),
+        Command::Inspect(a) => convert::inspect(a),
+        Command::Bench(a) => bench::run(a),
+    }
+}

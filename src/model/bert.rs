@@ -1,0 +1,299 @@
+//! The prefixed BERT encoder. One struct per checkpoint module, mirroring the key tree
+//! (`embeddings.*`, `encoder.layer.N.attention.self.*`, …, `pooler.dense`), as candle's `bert.rs`
+//! does, so a reader can map every weight to the code that uses it.
+//!
+//! What differs from a plain BERT, and why (see `../shared/docs/peft-prefix.md`):
+//! - every row brings its own prefix keys/values, concatenated in front of the layer's own;
+//! - positions start at the row's prefix length P, as transformers offsets them by the cache length;
+//! - the key mask always attends the row's prefix slots and masks the padding ones.
+//!
+//! Activations are kept flat as `[B·S, Hd]` so that every dense layer is one matmul.
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use std::path::Path;
+
+use super::batch::{BatchInputs, EncoderRow};
+use super::weights::{self, Weights};
+use super::{Activation, BertConfig, ModelInfo, Result};
+
+/// A dense layer with its weight stored pre-transposed as `[in, out]`, so the forward is a plain
+/// `x · W` with both operands contiguous.
+struct Linear {
+    weight_t: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    fn load(w: &Weights, prefix: &str, input: usize, output: usize) -> Result<Self> {
+        let weight = w.get(&format!("{prefix}.weight"), &[output, input])?;
+        let bias = w.get(&format!("{prefix}.bias"), &[output])?;
+        Ok(Self {
+            weight_t: weight.t()?.contiguous()?,
+            bias,
+        })
+    }
+
+    /// Several linears over the same input fused into one `[in, Σout]` matmul (Q, K and V).
+    fn fuse(parts: &[Linear]) -> Result<Self> {
+        let ws: Vec<&Tensor> = parts.iter().map(|l| &l.weight_t).collect();
+        let bs: Vec<&Tensor> = parts.iter().map(|l| &l.bias).collect();
+        Ok(Self {
+            weight_t: Tensor::cat(&ws, 1)?.contiguous()?,
+            bias: Tensor::cat(&bs, 0)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.matmul(&self.weight_t)?.broadcast_add(&self.bias)?)
+    }
+}
+
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    fn load(w: &Weights, prefix: &str, size: usize, eps: f64) -> Result<Self> {
+        // Old TF-converted checkpoints name LayerNorm parameters gamma/beta.
+        let (wn, bn) = if w.contains(&format!("{prefix}.gamma")) {
+            ("gamma", "beta")
+        } else {
+            ("weight", "bias")
+        };
+        Ok(Self {
+            weight: w.get(&format!("{prefix}.{wn}"), &[size])?,
+            bias: w.get(&format!("{prefix}.{bn}"), &[size])?,
+            eps: eps as f32,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm(
+            x,
+            &self.weight,
+            &self.bias,
+            self.eps,
+        )?)
+    }
+}
+
+struct BertEmbeddings {
+    word_embeddings: Tensor,
+    position_embeddings: Tensor,
+    token_type_embeddings: Tensor,
+    layer_norm: LayerNorm,
+}
+
+impl BertEmbeddings {
+    fn load(w: &Weights, c: &BertConfig) -> Result<Self> {
+        let hd = c.hidden_size;
+        Ok(Self {
+            word_embeddings: w.get("embeddings.word_embeddings.weight", &[c.vocab_size, hd])?,
+            position_embeddings: w.get(
+                "embeddings.position_embeddings.weight",
+                &[c.max_position_embeddings, hd],
+            )?,
+            token_type_embeddings: w.get(
+                "embeddings.token_type_embeddings.weight",
+                &[c.type_vocab_size, hd],
+            )?,
+            layer_norm: LayerNorm::load(w, "embeddings.LayerNorm", hd, c.layer_norm_eps)?,
+        })
+    }
+
+    fn forward(&self, inputs: &BatchInputs) -> Result<Tensor> {
+        let words = self.word_embeddings.index_select(&inputs.input_ids, 0)?;
+        let types = self
+            .token_type_embeddings
+            .index_select(&inputs.type_ids, 0)?;
+        let positions = self
+            .position_embeddings
+            .index_select(&inputs.position_ids, 0)?;
+        self.layer_norm.forward(&((words + types)? + positions)?)
+    }
+}
+
+/// `attention.self`: Q, K, V (fused into one matmul at load) and the prefixed attention.
+struct BertSelfAttention {
+    qkv: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl BertSelfAttention {
+    fn load(w: &Weights, prefix: &str, c: &BertConfig) -> Result<Self> {
+        let hd = c.hidden_size;
+        let parts = ["query", "key", "value"]
+            .iter()
+            .map(|n| Linear::load(w, &format!("{prefix}.{n}"), hd, hd))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            qkv: Linear::fuse(&parts)?,
+            heads: c.num_attention_heads,
+            head_dim: c.head_dim(),
+        })
+    }
+
+    /// `x`: `[B·S, Hd]`; `prefix_kv`: `[2, B, H, Pmax, D]`. Returns the merged heads `[B·S, Hd]`.
+    fn forward(&self, x: &Tensor, prefix_kv: &Tensor, inputs: &BatchInputs) -> Result<Tensor> {
+        let (b, s, h, d) = (inputs.rows, inputs.seq_len, self.heads, self.head_dim);
+        let qkv = self
+            .qkv
+            .forward(x)?
+            .reshape((b, s, 3, h, d))?
+            .permute((2, 0, 3, 1, 4))?
+            .contiguous()?; // [3, B, H, S, D]
+        let q = qkv.get(0)?;
+        let k = Tensor::cat(&[&prefix_kv.get(0)?, &qkv.get(1)?], 2)?; // [B, H, Pmax+S, D]
+        let v = Tensor::cat(&[&prefix_kv.get(1)?, &qkv.get(2)?], 2)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&inputs.key_mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let context = probs.matmul(&v)?; // [B, H, S, D]
+        Ok(context
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b * s, h * d))?)
+    }
+}
+
+/// `attention.output` and `output`: dense, residual, LayerNorm.
+struct DenseResidualNorm {
+    dense: Linear,
+    layer_norm: LayerNorm,
+}
+
+impl DenseResidualNorm {
+    fn load(w: &Weights, prefix: &str, input: usize, c: &BertConfig) -> Result<Self> {
+        Ok(Self {
+            dense: Linear::load(w, &format!("{prefix}.dense"), input, c.hidden_size)?,
+            layer_norm: LayerNorm::load(
+                w,
+                &format!("{prefix}.LayerNorm"),
+                c.hidden_size,
+                c.layer_norm_eps,
+            )?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.layer_norm
+            .forward(&(self.dense.forward(x)? + residual)?)
+    }
+}
+
+struct BertLayer {
+    attention: BertSelfAttention,
+    attention_output: DenseResidualNorm,
+    intermediate: Linear,
+    activation: Activation,
+    output: DenseResidualNorm,
+}
+
+impl BertLayer {
+    fn load(w: &Weights, i: usize, c: &BertConfig) -> Result<Self> {
+        let p = format!("encoder.layer.{i}");
+        Ok(Self {
+            attention: BertSelfAttention::load(w, &format!("{p}.attention.self"), c)?,
+            attention_output: DenseResidualNorm::load(
+                w,
+                &format!("{p}.attention.output"),
+                c.hidden_size,
+                c,
+            )?,
+            intermediate: Linear::load(
+                w,
+                &format!("{p}.intermediate.dense"),
+                c.hidden_size,
+                c.intermediate_size,
+            )?,
+            activation: c.activation(),
+            output: DenseResidualNorm::load(w, &format!("{p}.output"), c.intermediate_size, c)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, prefix_kv: &Tensor, inputs: &BatchInputs) -> Result<Tensor> {
+        let attended = self.attention.forward(x, prefix_kv, inputs)?;
+        let x = self.attention_output.forward(&attended, x)?;
+        let hidden = self.intermediate.forward(&x)?;
+        let hidden = match self.activation {
+            Activation::GeluErf => hidden.gelu_erf()?,
+            Activation::GeluTanh => hidden.gelu()?,
+            Activation::Relu => hidden.relu()?,
+        };
+        self.output.forward(&hidden, &x)
+    }
+}
+
+/// The frozen base model with prefix-aware attention.
+pub struct PrefixedBert {
+    embeddings: BertEmbeddings,
+    layers: Vec<BertLayer>,
+    pooler: Linear,
+    config: BertConfig,
+    info: ModelInfo,
+    device: Device,
+}
+
+impl PrefixedBert {
+    /// Loads `config.json` and `model.safetensors` from a Hugging Face BERT directory.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let ckpt = weights::open(dir, device)?;
+        let (c, w) = (&ckpt.config, &ckpt.weights);
+        tracing::debug!(path = %w.path().display(), "loading BERT weights");
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| BertLayer::load(w, i, c))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            embeddings: BertEmbeddings::load(w, c)?,
+            layers,
+            pooler: Linear::load(w, "pooler.dense", c.hidden_size, c.hidden_size)?,
+            config: ckpt.config.clone(),
+            info: ckpt.info,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &BertConfig {
+        &self.config
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Runs the rows through the encoder and the pooler: `tanh(pooler(h[:, 0]))`, `[B, Hd]` F32.
+    /// Each row's result depends only on its own tokens and prefix, never on the batch's padding.
+    pub fn pooled(&self, rows: &[EncoderRow<'_>]) -> Result<Tensor> {
+        let c = &self.config;
+        let inputs = BatchInputs::build(
+            rows,
+            c.max_position_embeddings,
+            c.num_hidden_layers,
+            c.num_attention_heads,
+            c.head_dim(),
+            &self.device,
+        )?;
+        let mut x = self.embeddings.forward(&inputs)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, &inputs.prefix_kv.get(l)?, &inputs)?;
+        }
+        let cls = x
+            .reshape((inputs.rows, inputs.seq_len, c.hidden_size))?
+            .i((.., 0))?
+            .contiguous()?;
+        let pooled = self.pooler.forward(&cls)?.tanh()?;
+        Ok(pooled.to_dtype(DType::F32)?)
+    }
+
+    /// The pooled vectors as host rows.
+    pub fn pooled_vecs(&self, rows: &[EncoderRow<'_>]) -> Result<Vec<Vec<f32>>> {
+        Ok(self.pooled(rows)?.to_vec2::<f32>()?)
+    }
+}

@@ -1,0 +1,62 @@
+//! The frozen base model: a BERT encoder whose attention accepts per-row prefix keys/values.
+//!
+//! Pure compute: no tokio, no HTTP, no file formats beyond the checkpoint itself. The engine feeds
+//! it rows of token ids, each carrying its own task's [`PrefixKv`], and reads back pooled vectors.
+
+mod batch;
+mod bert;
+mod config;
+mod prefix_kv;
+mod weights;
+
+pub use batch::EncoderRow;
+pub use bert::PrefixedBert;
+pub use config::{Activation, BertConfig};
+pub use prefix_kv::PrefixKv;
+pub use weights::{fingerprint_file, ModelInfo};
+
+use std::path::PathBuf;
+
+/// The one place the compute device is chosen. A CUDA build (`--features cuda`) picks GPU 0 when
+/// one is present; everything else is device-agnostic.
+pub fn default_device() -> candle_core::Device {
+    #[cfg(feature = "cuda")]
+    {
+        if let Ok(dev) = candle_core::Device::new_cuda(0) {
+            return dev;
+        }
+    }
+    candle_core::Device::Cpu
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid config: {message}")]
+    Config { path: PathBuf, message: String },
+    #[error("{dir}: not a usable model directory: {message}")]
+    Layout { dir: PathBuf, message: String },
+    #[error("{path}: missing or malformed weight {name:?}: {source}")]
+    Weight {
+        path: PathBuf,
+        name: String,
+        #[source]
+        source: candle_core::Error,
+    },
+    #[error(
+        "{path}: this checkpoint has no pooler weights ({name}); PEFT classifier heads read \
+             the pooled [CLS] vector, so a base model without a pooler cannot serve them"
+    )]
+    NoPooler { path: PathBuf, name: String },
+    #[error("invalid batch: {0}")]
+    Batch(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, ModelError>;

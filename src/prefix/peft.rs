@@ -1,0 +1,293 @@
+//! Hugging Face PEFT prefix-tuning adapters: import into the native format and export back.
+//!
+//! An adapter directory holds `adapter_config.json` and `adapter_model.safetensors` with
+//! `prompt_embeddings` `[P, L·2·Hd]` (already projected when `prefix_projection` was on) and the
+//! classifier head. PEFT saves no label names and no problem type; those come from the caller,
+//! or from the `prefixd.json` that our own export writes beside the adapter.
+
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::Path;
+
+use super::file::{
+    write_atomic, PrefixFile, CLASSIFIER_BIAS, CLASSIFIER_WEIGHT, PROMPT_EMBEDDINGS,
+};
+use super::meta::{default_labels, BaseModel, PrefixMeta, ProblemType, Source, FORMAT_VERSION};
+use super::tensors::{self, expect_shape};
+use super::{PrefixError, Result};
+use crate::model::ModelInfo;
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// Written by `export-peft` beside the adapter so labels and problem type survive a round trip.
+pub const SIDECAR_FILE: &str = "prefixd.json";
+
+/// The fields of `adapter_config.json` prefixd reads. Older PEFT versions omit some, newer ones
+/// add more; unknown fields are ignored.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AdapterConfig {
+    pub peft_type: Option<String>,
+    pub task_type: Option<String>,
+    pub num_virtual_tokens: Option<usize>,
+    pub num_layers: Option<usize>,
+    pub token_dim: Option<usize>,
+    pub num_attention_heads: Option<usize>,
+    #[serde(default)]
+    pub num_transformer_submodules: Option<usize>,
+    #[serde(default)]
+    pub prefix_projection: Option<bool>,
+    #[serde(default)]
+    pub encoder_hidden_size: Option<usize>,
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    #[serde(default)]
+    pub peft_version: Option<String>,
+}
+
+/// Labels and problem type as our export records them (PEFT ignores the file).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Sidecar {
+    task: String,
+    labels: Vec<String>,
+    problem_type: ProblemType,
+}
+
+/// What the caller knows that the adapter does not say.
+#[derive(Debug, Clone, Default)]
+pub struct ImportOptions {
+    /// Task name; default: the adapter directory's name.
+    pub task: Option<String>,
+    /// Label names in classifier-row order; default: the sidecar's, else `LABEL_0..`.
+    pub labels: Option<Vec<String>>,
+    /// Default: the sidecar's, else single-label.
+    pub problem_type: Option<ProblemType>,
+}
+
+/// Reads a PEFT adapter from its two files' contents, checks it against the model, and builds a
+/// native prefix file (not yet written).
+pub fn import_bytes(
+    config_json: &[u8],
+    weights: &[u8],
+    sidecar: Option<&[u8]>,
+    origin: &str,
+    opts: &ImportOptions,
+    model: &ModelInfo,
+) -> Result<PrefixFile> {
+    let cfg: AdapterConfig = serde_json::from_slice(config_json)
+        .map_err(|e| PrefixError::Peft(format!("{CONFIG_FILE}: {e}")))?;
+    if cfg.peft_type.as_deref() != Some("PREFIX_TUNING") {
+        return Err(PrefixError::Peft(format!(
+            "peft_type is {:?}, expected \"PREFIX_TUNING\"",
+            cfg.peft_type.as_deref().unwrap_or("missing")
+        )));
+    }
+    if let Some(t) = cfg.task_type.as_deref() {
+        if t != "SEQ_CLS" {
+            return Err(PrefixError::Peft(format!(
+                "task_type is {t:?}; prefixd serves sequence classification (\"SEQ_CLS\")"
+            )));
+        }
+    }
+    if cfg.num_transformer_submodules.unwrap_or(1) != 1 {
+        return Err(PrefixError::Peft(
+            "num_transformer_submodules must be 1 (an encoder-only model)".into(),
+        ));
+    }
+    let sidecar: Option<Sidecar> = match sidecar {
+        Some(b) => Some(
+            serde_json::from_slice(b)
+                .map_err(|e| PrefixError::Peft(format!("{SIDECAR_FILE}: {e}")))?,
+        ),
+        None => None,
+    };
+
+    let st = tensors::parse(weights)?;
+    let prompt = tensors::read_f32(&st, PROMPT_EMBEDDINGS)?;
+    let weight = tensors::read_f32(&st, CLASSIFIER_WEIGHT)?;
+    let bias = tensors::read_f32(&st, CLASSIFIER_BIAS)?;
+
+    let p = prompt.shape.first().copied().unwrap_or(0);
+    // The config's numbers, when present, must agree with the tensors and the model.
+    for (field, value, expected) in [
+        ("num_virtual_tokens", cfg.num_virtual_tokens, p),
+        ("num_layers", cfg.num_layers, model.layers),
+        ("token_dim", cfg.token_dim, model.hidden),
+        ("num_attention_heads", cfg.num_attention_heads, model.heads),
+    ] {
+        if let Some(v) = value {
+            if v != expected {
+                let against = if field == "num_virtual_tokens" {
+                    "the prompt_embeddings rows"
+                } else {
+                    "the loaded model"
+                };
+                return Err(PrefixError::Peft(format!(
+                    "{field} = {v} in {CONFIG_FILE}, but {against} say{} {expected}",
+                    if field == "num_virtual_tokens" {
+                        ""
+                    } else {
+                        "s"
+                    }
+                )));
+            }
+        }
+    }
+    let width = model.layers * 2 * model.hidden;
+    expect_shape(
+        PROMPT_EMBEDDINGS,
+        &prompt,
+        &[p, width],
+        &format!(
+            "P × {} layers · 2 · hidden {} of the loaded model",
+            model.layers, model.hidden
+        ),
+    )?;
+    let rows = weight.shape.first().copied().unwrap_or(0);
+    let labels = opts
+        .labels
+        .clone()
+        .or_else(|| sidecar.as_ref().map(|s| s.labels.clone()))
+        .unwrap_or_else(|| default_labels(rows));
+    let task = opts
+        .task
+        .clone()
+        .or_else(|| sidecar.as_ref().map(|s| s.task.clone()))
+        .unwrap_or_else(|| "task".into());
+    let problem_type = opts
+        .problem_type
+        .or_else(|| sidecar.as_ref().map(|s| s.problem_type))
+        .unwrap_or_default();
+
+    let mut details = serde_json::Map::new();
+    details.insert("adapter".into(), origin.into());
+    for (k, v) in [
+        ("peft_version", cfg.peft_version.clone().map(Into::into)),
+        (
+            "base_model_name_or_path",
+            cfg.base_model_name_or_path.clone().map(Into::into),
+        ),
+        ("prefix_projection", cfg.prefix_projection.map(Into::into)),
+        (
+            "encoder_hidden_size",
+            cfg.encoder_hidden_size.map(Into::into),
+        ),
+    ] {
+        if let Some(v) = v {
+            details.insert(k.into(), v);
+        }
+    }
+    let meta = PrefixMeta {
+        format_version: FORMAT_VERSION,
+        task,
+        labels,
+        problem_type,
+        num_virtual_tokens: p,
+        base_model: BaseModel {
+            name: model.name.clone(),
+            layers: model.layers,
+            hidden: model.hidden,
+            heads: model.heads,
+            fingerprint: Some(model.fingerprint.clone()),
+        },
+        source: Source {
+            kind: "peft_import".into(),
+            details,
+        },
+    };
+    let file = PrefixFile::new(meta, prompt, weight, bias)?;
+    super::task::check_against_model(&file, model)?;
+    Ok(file)
+}
+
+/// Imports an adapter directory.
+pub fn import_dir(dir: &Path, opts: &ImportOptions, model: &ModelInfo) -> Result<PrefixFile> {
+    let read = |name: &str| {
+        let path = dir.join(name);
+        std::fs::read(&path).map_err(|source| PrefixError::Io { path, source })
+    };
+    let sidecar = dir
+        .join(SIDECAR_FILE)
+        .is_file()
+        .then(|| read(SIDECAR_FILE))
+        .transpose()?;
+    let mut opts = opts.clone();
+    if opts.task.is_none() && sidecar.is_none() {
+        opts.task = dir
+            .canonicalize()
+            .ok()
+            .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()));
+    }
+    import_bytes(
+        &read(CONFIG_FILE)?,
+        &read(WEIGHTS_FILE)?,
+        sidecar.as_deref(),
+        &dir.display().to_string(),
+        &opts,
+        model,
+    )
+}
+
+/// Writes the prefix as a PEFT adapter directory that `PeftModel.from_pretrained` loads onto
+/// `BertForSequenceClassification` with `num_labels` = the prefix's label count.
+pub fn export_dir(file: &PrefixFile, dir: &Path) -> Result<()> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| PrefixError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let m = &file.meta;
+    let d = &m.source.details;
+    let projection = d
+        .get("prefix_projection")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    let base_name = d
+        .get("base_model_name_or_path")
+        .and_then(|v| v.as_str())
+        .unwrap_or(&m.base_model.name);
+    // The fields PEFT 0.21 writes for PREFIX_TUNING. The prompt embeddings we store are the final
+    // projected values, so the adapter is always written with prefix_projection off: PEFT then
+    // uses them as they are. The original setting is kept for information in prefixd.json.
+    let config = serde_json::json!({
+        "auto_mapping": null,
+        "base_model_name_or_path": base_name,
+        "encoder_hidden_size": m.base_model.hidden,
+        "inference_mode": true,
+        "init_weights": null,
+        "modules_to_save": ["classifier", "score"],
+        "num_attention_heads": m.base_model.heads,
+        "num_layers": m.base_model.layers,
+        "num_transformer_submodules": 1,
+        "num_virtual_tokens": m.num_virtual_tokens,
+        "peft_type": "PREFIX_TUNING",
+        "prefix_projection": false,
+        "revision": null,
+        "task_type": "SEQ_CLS",
+        "token_dim": m.base_model.hidden,
+    });
+    let weights = tensors::serialize(
+        &[
+            (PROMPT_EMBEDDINGS, &file.prompt_embeddings),
+            (CLASSIFIER_WEIGHT, &file.classifier_weight),
+            (CLASSIFIER_BIAS, &file.classifier_bias),
+        ],
+        HashMap::from([("format".to_string(), "pt".to_string())]),
+    )?;
+    let sidecar = serde_json::json!({
+        "task": m.task,
+        "labels": m.labels,
+        "problem_type": m.problem_type,
+        "trained_with_prefix_projection": projection,
+        "base_model_fingerprint": m.base_model.fingerprint,
+    });
+    let pretty = |v: &serde_json::Value| {
+        let mut s = serde_json::to_string_pretty(v).unwrap_or_default();
+        s.push('\n');
+        s.into_bytes()
+    };
+    let path = dir.join(CONFIG_FILE);
+    write_atomic(&path, &pretty(&config))?;
+    write_atomic(&dir.join(WEIGHTS_FILE), &weights)?;
+    write_atomic(&dir.join(SIDECAR_FILE), &pretty(&sidecar))?;
+    Ok(())
+}

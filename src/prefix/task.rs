@@ -1,0 +1,153 @@
+//! A task ready to run: a prefix file checked against the loaded model, laid out for attention.
+
+use sha2::{Digest, Sha256};
+
+use super::file::PrefixFile;
+use super::meta::{PrefixMeta, ProblemType};
+use super::{PrefixError, Result};
+use crate::model::{ModelInfo, PrefixKv};
+
+/// The task's classifier head, applied to the pooled vector on the host: a few thousand
+/// multiply-adds per row, not worth a device round trip.
+#[derive(Debug, Clone)]
+pub struct Head {
+    /// `[C, Hd]` row-major.
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    hidden: usize,
+}
+
+impl Head {
+    pub fn num_labels(&self) -> usize {
+        self.bias.len()
+    }
+
+    /// `logits = W · pooled + b`.
+    pub fn logits(&self, pooled: &[f32]) -> Vec<f32> {
+        debug_assert_eq!(pooled.len(), self.hidden);
+        self.weight
+            .chunks_exact(self.hidden)
+            .zip(&self.bias)
+            .map(|(row, b)| row.iter().zip(pooled).map(|(w, x)| w * x).sum::<f32>() + b)
+            .collect()
+    }
+}
+
+/// A loaded, validated task. Immutable: replacing a task builds a new `Task`, and rows already
+/// queued keep the `Arc<Task>` they were admitted with.
+#[derive(Debug, Clone)]
+pub struct Task {
+    pub meta: PrefixMeta,
+    pub prefix: PrefixKv,
+    pub head: Head,
+    /// `sha256:<hex>` of the file's bytes: the task's version.
+    pub version: String,
+    /// Size of the native file in bytes.
+    pub size_bytes: usize,
+}
+
+impl Task {
+    /// Parses and validates native prefix-file bytes against the model.
+    pub fn from_bytes(bytes: &[u8], model: &ModelInfo) -> Result<Self> {
+        let file = PrefixFile::from_bytes(bytes)?;
+        Self::from_file(&file, model, bytes)
+    }
+
+    /// Validates a prefix file against the model. `bytes` are the file's serialized form (its
+    /// hash is the task version).
+    pub fn from_file(file: &PrefixFile, model: &ModelInfo, bytes: &[u8]) -> Result<Self> {
+        check_against_model(file, model)?;
+        let meta = file.meta.clone();
+        let base = &meta.base_model;
+        let prefix = PrefixKv::from_peft_layout(
+            &file.prompt_embeddings.data,
+            meta.num_virtual_tokens,
+            base.layers,
+            base.heads,
+            base.hidden / base.heads,
+        );
+        let head = Head {
+            weight: file.classifier_weight.data.clone(),
+            bias: file.classifier_bias.data.clone(),
+            hidden: base.hidden,
+        };
+        Ok(Self {
+            meta,
+            prefix,
+            head,
+            version: format!("sha256:{}", hex::encode(Sha256::digest(bytes))),
+            size_bytes: bytes.len(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.meta.task
+    }
+
+    pub fn labels(&self) -> &[String] {
+        &self.meta.labels
+    }
+
+    pub fn problem_type(&self) -> ProblemType {
+        self.meta.problem_type
+    }
+
+    pub fn num_virtual_tokens(&self) -> usize {
+        self.meta.num_virtual_tokens
+    }
+
+    /// Back to the file form (for export): the inverse of the load-time layout.
+    pub fn to_file(&self) -> Result<PrefixFile> {
+        let p = self.meta.num_virtual_tokens;
+        let hd = self.meta.base_model.hidden;
+        let width = self.meta.base_model.layers * 2 * hd;
+        PrefixFile::new(
+            self.meta.clone(),
+            super::tensors::HostTensor {
+                shape: vec![p, width],
+                data: self.prefix.to_peft_layout(),
+            },
+            super::tensors::HostTensor {
+                shape: vec![self.head.num_labels(), hd],
+                data: self.head.weight.clone(),
+            },
+            super::tensors::HostTensor {
+                shape: vec![self.head.num_labels()],
+                data: self.head.bias.clone(),
+            },
+        )
+    }
+}
+
+pub(crate) fn check_against_model(file: &PrefixFile, model: &ModelInfo) -> Result<()> {
+    let base = &file.meta.base_model;
+    for (what, prefix, model) in [
+        ("layers", base.layers, model.layers),
+        ("hidden size", base.hidden, model.hidden),
+        ("attention heads", base.heads, model.heads),
+    ] {
+        if prefix != model {
+            return Err(PrefixError::ModelMismatch {
+                what,
+                prefix,
+                model,
+            });
+        }
+    }
+    let p = file.meta.num_virtual_tokens;
+    if p + 2 > model.max_positions {
+        return Err(PrefixError::TooManyVirtualTokens {
+            p,
+            max: model.max_positions,
+        });
+    }
+    if let Some(fp) = &base.fingerprint {
+        if fp != &model.fingerprint {
+            return Err(PrefixError::Fingerprint {
+                prefix: fp.clone(),
+                model: model.fingerprint.clone(),
+            });
+        }
+    }
+    Ok(())
+}
