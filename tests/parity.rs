@@ -1,0 +1,132 @@
+//! Parity with Hugging Face PEFT: every fixture input, one at a time, as one padded batch per
+//! case, and all three tasks' inputs interleaved in one mixed batch (P = 8, 20, 10).
+
+mod common;
+
+use common::{argmax, cases, engine, fixtures_dir, max_abs_diff, Case, CASES};
+use prefixd::engine::{Encoded, Row};
+use prefixd::prefix::Task;
+
+const TOL: f32 = 1e-4;
+
+fn load(case: &str) -> Task {
+    engine()
+        .load_task(&fixtures_dir().join(case))
+        .expect("fixture adapter loads")
+}
+
+fn check(case: &str, i: usize, expected: &Case, logits: &[f32], how: &str) {
+    let err = max_abs_diff(logits, &expected.logits);
+    assert!(
+        err <= TOL,
+        "{case} input {i} ({how}): max |Δlogit| = {err:e} > {TOL:e}; got {logits:?}, want {:?}",
+        expected.logits
+    );
+    assert_eq!(
+        argmax(logits),
+        expected.label,
+        "{case} input {i} ({how}): argmax"
+    );
+}
+
+#[test]
+fn tokenization_matches_fixture_ids() {
+    for case in CASES {
+        let task = load(case);
+        for (i, c) in cases(case).iter().enumerate() {
+            let enc = engine()
+                .text_encoder()
+                .encode(&c.input(), task.num_virtual_tokens())
+                .unwrap();
+            assert_eq!(enc.ids, c.input_ids, "{case} input {i}: ids");
+            assert_eq!(enc.type_ids, c.token_type_ids, "{case} input {i}: type ids");
+        }
+    }
+}
+
+#[test]
+fn one_input_at_a_time() {
+    for case in CASES {
+        let task = load(case);
+        for (i, c) in cases(case).iter().enumerate() {
+            let preds = engine().classify_texts(&task, &[c.input()], 1).unwrap();
+            check(case, i, c, &preds[0].logits, "alone");
+        }
+    }
+}
+
+#[test]
+fn each_case_as_one_padded_batch() {
+    for case in CASES {
+        let task = load(case);
+        let cs = cases(case);
+        let encoded: Vec<Encoded> = cs
+            .iter()
+            .map(|c| Encoded {
+                ids: c.input_ids.clone(),
+                type_ids: c.token_type_ids.clone(),
+            })
+            .collect();
+        // Fixture order is not sorted by length, so short rows sit beside 128-token ones.
+        let rows: Vec<Row> = encoded
+            .iter()
+            .map(|tokens| Row {
+                task: &task,
+                tokens,
+            })
+            .collect();
+        let preds = engine().classify(&rows).unwrap();
+        assert_eq!(preds.len(), cs.len());
+        for (i, (c, p)) in cs.iter().zip(&preds).enumerate() {
+            check(case, i, c, &p.logits, "padded batch");
+        }
+    }
+}
+
+#[test]
+fn all_cases_interleaved_in_one_mixed_batch() {
+    let tasks: Vec<Task> = CASES.iter().map(|c| load(c)).collect();
+    let all: Vec<Vec<Case>> = CASES.iter().map(|c| cases(c)).collect();
+    // Round-robin: row k belongs to task k % 3, so every neighbour has a different P.
+    let mut order = Vec::new();
+    for i in 0..all.iter().map(Vec::len).max().unwrap() {
+        for (t, cs) in all.iter().enumerate() {
+            if i < cs.len() {
+                order.push((t, i));
+            }
+        }
+    }
+    let encoded: Vec<Encoded> = order
+        .iter()
+        .map(|&(t, i)| Encoded {
+            ids: all[t][i].input_ids.clone(),
+            type_ids: all[t][i].token_type_ids.clone(),
+        })
+        .collect();
+    let rows: Vec<Row> = order
+        .iter()
+        .zip(&encoded)
+        .map(|(&(t, _), tokens)| Row {
+            task: &tasks[t],
+            tokens,
+        })
+        .collect();
+    let preds = engine().classify(&rows).unwrap();
+    assert_eq!(preds.len(), 60);
+    for (&(t, i), p) in order.iter().zip(&preds) {
+        check(CASES[t], i, &all[t][i], &p.logits, "mixed batch");
+    }
+}
+
+#[test]
+fn label_names_and_scores_follow_the_problem_type() {
+    let task = load("multi4-p20");
+    let c = &cases("multi4-p20")[0];
+    let p = &engine().classify_texts(&task, &[c.input()], 1).unwrap()[0];
+    // A PEFT directory carries no label names: LABEL_i stands in.
+    assert_eq!(p.label, format!("LABEL_{}", c.label));
+    let sum: f32 = p.scores.iter().sum();
+    assert!((sum - 1.0).abs() < 1e-5, "softmax scores sum to {sum}");
+    let want = prefixd::engine::softmax(&c.logits);
+    assert!(max_abs_diff(&p.scores, &want) < 1e-5);
+}
