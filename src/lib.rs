@@ -4,9 +4,11 @@
 //! - [`model`]: the frozen BERT with prefix-aware attention (pure compute);
 //! - [`prefix`]: task prefix files, PEFT import/export, validated [`prefix::Task`]s;
 //! - [`engine`]: model + tokenizer; rows of (task, tokens) in, predictions out;
+//! - [`serving`]: the HTTP server (handlers, batcher, metrics) over the engine;
 //! - [`cli`]: the `prefixd` subcommands.
 
 pub mod cli;
 pub mod engine;
 pub mod model;
 pub mod prefix;
+pub mod serving;

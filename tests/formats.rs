@@ -89,6 +89,17 @@ fn import_native_export_round_trip_is_bit_exact() {
 }
 
 #[test]
+fn serialization_is_deterministic() {
+    // The file's hash is the task's version: the same content must give the same bytes.
+    for case in CASES {
+        let a = import(case, &Default::default()).to_bytes().unwrap();
+        let b = import(case, &Default::default()).to_bytes().unwrap();
+        assert!(a == b, "{case}: two serializations differ");
+        assert_eq!(Task::version_of(&a), Task::version_of(&b));
+    }
+}
+
+#[test]
 fn native_file_and_peft_dir_give_identical_logits() {
     let dir = tempfile::tempdir().unwrap();
     for case in CASES {

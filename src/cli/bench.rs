@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use super::ModelArgs;
 use crate::engine::{Encoded, Engine, Row};
-use crate::model::ModelInfo;
-use crate::prefix::{default_labels, BaseModel, HostTensor, PrefixFile, PrefixMeta, Source, Task};
+use crate::prefix::synthetic::random_prefix;
+use crate::prefix::Task;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -34,56 +34,6 @@ pub struct BenchArgs {
     pub warmup: usize,
 }
 
-/// Box–Muller: standard normal samples without another dependency.
-fn normal(rng: &mut impl Rng) -> f32 {
-    let u1: f32 = rng.random::<f32>().max(f32::MIN_POSITIVE);
-    let u2: f32 = rng.random();
-    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
-}
-
-/// A random task: prefix values of standard deviation 1 (the scale of MiniLM's own keys and
-/// values), a random 2-label head.
-pub fn random_task(info: &ModelInfo, p: usize, rng: &mut StdRng) -> anyhow::Result<Task> {
-    let mut randn =
-        |n: usize, scale: f32| -> Vec<f32> { (0..n).map(|_| normal(rng) * scale).collect() };
-    let width = info.layers * 2 * info.hidden;
-    let meta = PrefixMeta {
-        format_version: crate::prefix::FORMAT_VERSION,
-        task: "bench".into(),
-        labels: default_labels(2),
-        problem_type: Default::default(),
-        num_virtual_tokens: p,
-        base_model: BaseModel {
-            name: info.name.clone(),
-            layers: info.layers,
-            hidden: info.hidden,
-            heads: info.heads,
-            fingerprint: None,
-        },
-        source: Source {
-            kind: "synthetic".into(),
-            details: Default::default(),
-        },
-    };
-    let file = PrefixFile::new(
-        meta,
-        HostTensor {
-            shape: vec![p, width],
-            data: randn(p * width, 1.0),
-        },
-        HostTensor {
-            shape: vec![2, info.hidden],
-            data: randn(2 * info.hidden, 0.5),
-        },
-        HostTensor {
-            shape: vec![2],
-            data: vec![0.0; 2],
-        },
-    )?;
-    let bytes = file.to_bytes()?;
-    Ok(Task::from_file(&file, info, &bytes)?)
-}
-
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.batch > 0 && args.tasks > 0,
@@ -102,7 +52,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     let mut rng = StdRng::seed_from_u64(0);
     let tasks = (0..args.tasks)
-        .map(|_| random_task(&info, args.prefix_len, &mut rng))
+        .map(|i| -> anyhow::Result<Task> {
+            let file = random_prefix(&info, &format!("bench{i}"), args.prefix_len, 2, &mut rng)?;
+            Ok(Task::from_file(&file, &info, &file.to_bytes()?)?)
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let vocab = engine.model().config().vocab_size as u32;
     let encoded: Vec<Encoded> = (0..args.batch)

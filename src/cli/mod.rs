@@ -4,6 +4,7 @@
 mod bench;
 mod classify;
 mod convert;
+mod serve;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -21,6 +22,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Serve many tasks over one model on HTTP (classify, tasks, admin, health, metrics).
+    Serve(serve::ServeArgs),
     /// Classify texts with one task prefix (a native file or a PEFT adapter directory).
     Classify(classify::ClassifyArgs),
     /// Convert a PEFT prefix-tuning adapter directory into a native prefix file.
@@ -64,11 +67,13 @@ pub fn init_tracing(verbose: u8) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Serve(a) => serve::run(a),
         Command::Classify(a) => classify::run(a),
         Command::ImportPeft(a) => convert::import(a),
         Command::ExportPeft(a) => convert::export(a),

@@ -79,10 +79,9 @@ impl PrefixFile {
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let meta = serde_json::to_string(&self.meta)
             .map_err(|e| PrefixError::BadMetadata(e.to_string()))?;
-        let header = HashMap::from([
-            ("format".to_string(), "pt".to_string()),
-            (META_KEY.to_string(), meta),
-        ]);
+        // One metadata key only: safetensors writes header metadata in HashMap order, and a file's
+        // bytes (its version hash) must not depend on that.
+        let header = HashMap::from([(META_KEY.to_string(), meta)]);
         tensors::serialize(
             &[
                 (PROMPT_EMBEDDINGS, &self.prompt_embeddings),

@@ -6,7 +6,6 @@ use serde::{Deserialize, Serialize};
 pub const FORMAT_VERSION: u32 = 1;
 
 /// The key under which [`PrefixMeta`] is stored, as JSON, in the safetensors header metadata.
-/// The header also keeps `"format": "pt"`, so PyTorch tooling opens the file as a plain checkpoint.
 pub const META_KEY: &str = "prefixd";
 
 /// How scores are derived from logits. PEFT does not record this, so prefixd must.

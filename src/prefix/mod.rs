@@ -7,6 +7,8 @@
 mod file;
 mod meta;
 pub mod peft;
+pub mod registry;
+pub mod synthetic;
 mod task;
 mod tensors;
 

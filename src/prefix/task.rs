@@ -75,9 +75,14 @@ impl Task {
             meta,
             prefix,
             head,
-            version: format!("sha256:{}", hex::encode(Sha256::digest(bytes))),
+            version: Self::version_of(bytes),
             size_bytes: bytes.len(),
         })
+    }
+
+    /// The version string of a file's bytes: `sha256:<hex>`.
+    pub fn version_of(bytes: &[u8]) -> String {
+        format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
     }
 
     pub fn name(&self) -> &str {

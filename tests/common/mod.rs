@@ -51,9 +51,15 @@ pub struct Case {
     pub token_type_ids: Vec<u32>,
     pub logits: Vec<f32>,
     pub label: usize,
+    #[serde(default)]
+    pub label_name: Option<String>,
 }
 
 impl Case {
+    pub fn label_name(&self) -> &str {
+        self.label_name.as_deref().expect("case has label names")
+    }
+
     pub fn input(&self) -> TextInput {
         TextInput {
             text: self.text.clone(),
@@ -95,3 +101,5 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 pub fn argmax(xs: &[f32]) -> usize {
     prefixd::engine::argmax(xs)
 }
+
+pub mod server;

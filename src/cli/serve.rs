@@ -1,0 +1,82 @@
+//! `prefixd serve`: the HTTP server. Every flag can also be set by its `PREFIXD_*` variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::ModelArgs;
+use crate::serving::{BatcherConfig, RequestLimits, ServeConfig};
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Directory of native prefix files (<task>.safetensors); loaded at start and watched.
+    #[arg(long, env = "PREFIXD_PREFIXES", default_value = "prefixes")]
+    pub prefixes: PathBuf,
+    /// Address to listen on (port 0 picks a free port; the chosen address is printed).
+    #[arg(long, env = "PREFIXD_ADDR", default_value = "127.0.0.1:8080")]
+    pub addr: SocketAddr,
+    /// Bearer token for the /v1/admin routes; without one they are disabled.
+    #[arg(long, env = "PREFIXD_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Most rows in one forward pass.
+    #[arg(long, env = "PREFIXD_MAX_BATCH_ROWS", default_value_t = 64)]
+    pub max_batch_rows: usize,
+    /// Most padded tokens in one forward pass: rows × (longest row + longest prefix).
+    #[arg(long, env = "PREFIXD_MAX_BATCH_TOKENS", default_value_t = 4096)]
+    pub max_batch_tokens: usize,
+    /// Most rows waiting for the model; requests beyond it get 429.
+    #[arg(long, env = "PREFIXD_MAX_QUEUE_ROWS", default_value_t = 2048)]
+    pub max_queue_rows: usize,
+    /// Most inputs in one classify request.
+    #[arg(long, env = "PREFIXD_MAX_INPUTS", default_value_t = 256)]
+    pub max_inputs: usize,
+    /// Most characters in one text.
+    #[arg(long, env = "PREFIXD_MAX_TEXT_CHARS", default_value_t = 100_000)]
+    pub max_text_chars: usize,
+    /// Most bytes in a classify request body.
+    #[arg(long, env = "PREFIXD_MAX_REQUEST_BYTES", default_value_t = 2 << 20)]
+    pub max_request_bytes: usize,
+    /// Most bytes in an admin upload.
+    #[arg(long, env = "PREFIXD_MAX_UPLOAD_BYTES", default_value_t = 64 << 20)]
+    pub max_upload_bytes: usize,
+    /// Seconds that queued and in-flight requests get to finish after SIGTERM/SIGINT.
+    #[arg(long, env = "PREFIXD_SHUTDOWN_TIMEOUT", default_value_t = 30.0)]
+    pub shutdown_timeout: f64,
+    /// Do not watch the prefixes directory for changes made by hand.
+    #[arg(long, env = "PREFIXD_NO_WATCH")]
+    pub no_watch: bool,
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.max_inputs <= args.max_queue_rows,
+        "--max-inputs ({}) must not exceed --max-queue-rows ({}): such a request could never be admitted",
+        args.max_inputs,
+        args.max_queue_rows
+    );
+    anyhow::ensure!(
+        args.max_batch_rows > 0,
+        "--max-batch-rows must be at least 1"
+    );
+    crate::serving::serve(ServeConfig {
+        engine: args.model.engine_config(),
+        prefixes_dir: args.prefixes,
+        addr: args.addr,
+        admin_token: args.admin_token,
+        batcher: BatcherConfig {
+            max_batch_rows: args.max_batch_rows,
+            max_batch_tokens: args.max_batch_tokens,
+            max_queue_rows: args.max_queue_rows,
+        },
+        limits: RequestLimits {
+            max_inputs: args.max_inputs,
+            max_text_chars: args.max_text_chars,
+            max_request_bytes: args.max_request_bytes,
+            max_upload_bytes: args.max_upload_bytes,
+        },
+        shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout.max(0.0)),
+        watch: !args.no_watch,
+    })
+}

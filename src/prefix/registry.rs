@@ -1,0 +1,366 @@
+//! The task registry: every prefix in the prefixes directory, validated and ready to run.
+//!
+//! [`Registry`] is a cheap-clone handle over `Arc<Shared>` (the mini-redis pattern): HTTP handlers,
+//! the admin routes and the directory watcher each hold a clone, and all see one map. Reads take a
+//! short read lock and clone an `Arc<Task>`; nothing holds the lock across a forward pass. A row
+//! admitted for a task keeps its `Arc<Task>`, so replacing or deleting the task never changes a
+//! request already queued.
+//!
+//! The directory is the source of truth: uploads are validated fully, then persisted atomically
+//! (temp file, fsync, rename), then swapped into the map. The watcher reconciles the map with the
+//! files on disk, so hand edits take effect and our own writes are recognised (same content hash)
+//! and not loaded twice.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use super::peft::{self, ImportOptions};
+use super::{write_atomic, PrefixError, PrefixFile, Task};
+use crate::model::ModelInfo;
+
+pub const EXTENSION: &str = "safetensors";
+
+/// `^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$`: safe as a file name, no path tricks.
+pub fn valid_task_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("invalid task name {0:?}: use 1–128 characters from A–Z a–z 0–9 _ . -, starting with a letter or digit")]
+    InvalidName(String),
+    #[error("no task named {0:?}")]
+    NotFound(String),
+    #[error(transparent)]
+    Prefix(#[from] PrefixError),
+}
+
+/// Where a load attempt came from, for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadOrigin {
+    Startup,
+    Watch,
+    Upload,
+}
+
+impl LoadOrigin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Startup => "startup",
+            Self::Watch => "watch",
+            Self::Upload => "upload",
+        }
+    }
+}
+
+/// Called after every load attempt (`ok` or not) and every change in the number of tasks.
+pub trait RegistryObserver: Send + Sync {
+    fn prefix_load(&self, origin: LoadOrigin, ok: bool);
+    fn tasks_loaded(&self, count: usize);
+}
+
+/// A registered task and when this version was loaded.
+#[derive(Clone)]
+pub struct Loaded {
+    pub task: Arc<Task>,
+    pub loaded_at: SystemTime,
+}
+
+#[derive(Clone)]
+pub struct Registry {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    dir: PathBuf,
+    model: ModelInfo,
+    tasks: RwLock<HashMap<String, Loaded>>,
+    /// Serialises changes (disk + map) so two uploads of one task cannot interleave.
+    writes: Mutex<()>,
+    observer: Option<Arc<dyn RegistryObserver>>,
+}
+
+impl Registry {
+    /// Loads every prefix file in `dir` (created if missing). A bad file is logged, counted and
+    /// skipped; the rest still load.
+    pub fn open(
+        dir: &Path,
+        model: ModelInfo,
+        observer: Option<Arc<dyn RegistryObserver>>,
+    ) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let registry = Self {
+            shared: Arc::new(Shared {
+                dir: dir.to_path_buf(),
+                model,
+                tasks: RwLock::new(HashMap::new()),
+                writes: Mutex::new(()),
+                observer,
+            }),
+        };
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| task_name_of(p).is_some())
+            .collect();
+        paths.sort();
+        for path in paths {
+            registry.reconcile(&path, LoadOrigin::Startup);
+        }
+        Ok(registry)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    pub fn model(&self) -> &ModelInfo {
+        &self.shared.model
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Task>> {
+        self.read().get(name).map(|l| l.task.clone())
+    }
+
+    pub fn info(&self, name: &str) -> Option<Loaded> {
+        self.read().get(name).cloned()
+    }
+
+    /// All tasks, sorted by name.
+    pub fn list(&self) -> Vec<Loaded> {
+        let mut all: Vec<Loaded> = self.read().values().cloned().collect();
+        all.sort_by(|a, b| a.task.name().cmp(b.task.name()));
+        all
+    }
+
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Validates native prefix-file bytes and installs them as task `name`, replacing any
+    /// previous version. On any error, the map and the directory are unchanged.
+    pub fn put_native(&self, name: &str, bytes: &[u8]) -> Result<Arc<Task>, RegistryError> {
+        check_name(name)?;
+        let file = PrefixFile::from_bytes(bytes);
+        self.install(name, file)
+    }
+
+    /// Imports a PEFT adapter (its two files' contents) as task `name`.
+    pub fn put_peft(
+        &self,
+        name: &str,
+        config_json: &[u8],
+        weights: &[u8],
+        opts: &ImportOptions,
+    ) -> Result<Arc<Task>, RegistryError> {
+        check_name(name)?;
+        let opts = ImportOptions {
+            task: Some(name.to_string()),
+            ..opts.clone()
+        };
+        let origin = format!("upload:{name}");
+        let file = peft::import_bytes(config_json, weights, None, &origin, &opts, self.model());
+        self.install(name, file)
+    }
+
+    /// Validates, persists and swaps in an upload; counts the attempt either way.
+    fn install(
+        &self,
+        name: &str,
+        file: Result<PrefixFile, PrefixError>,
+    ) -> Result<Arc<Task>, RegistryError> {
+        let result = file.and_then(|mut file| {
+            // The file name is the task's name; the metadata is made to agree before persisting.
+            file.meta.task = name.to_string();
+            let bytes = file.to_bytes()?;
+            let task = Task::from_file(&file, self.model(), &bytes)?;
+            let _guard = self.lock_writes();
+            write_atomic(&self.path_of(name), &bytes)?;
+            let task = Arc::new(task);
+            self.insert(name, task.clone());
+            Ok(task)
+        });
+        self.observe_load(LoadOrigin::Upload, result.is_ok());
+        Ok(result?)
+    }
+
+    /// Removes task `name` from the map and its file from the directory.
+    pub fn delete(&self, name: &str) -> Result<(), RegistryError> {
+        check_name(name)?;
+        let _guard = self.lock_writes();
+        if self.info(name).is_none() {
+            return Err(RegistryError::NotFound(name.to_string()));
+        }
+        let path = self.path_of(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(PrefixError::Io { path, source }.into()),
+        }
+        self.remove(name);
+        Ok(())
+    }
+
+    /// Starts watching the directory; hand-made changes take effect until the guard is dropped.
+    pub fn watch(&self) -> notify::Result<WatchGuard> {
+        use notify::Watcher;
+        let (tx, rx) = mpsc::channel::<notify::Result<notify::Event>>();
+        let mut watcher = notify::recommended_watcher(tx)?;
+        watcher.watch(&self.shared.dir, notify::RecursiveMode::NonRecursive)?;
+        let registry = self.clone();
+        std::thread::Builder::new()
+            .name("prefix-watch".into())
+            .spawn(move || registry.watch_loop(rx))
+            .map_err(|e| notify::Error::io(e))?;
+        Ok(WatchGuard { _watcher: watcher })
+    }
+
+    /// Collects events until the directory has been quiet for a moment, so a file being copied in
+    /// is read once, whole.
+    fn watch_loop(&self, rx: mpsc::Receiver<notify::Result<notify::Event>>) {
+        const QUIET: Duration = Duration::from_millis(200);
+        let mut dirty: HashSet<PathBuf> = HashSet::new();
+        loop {
+            match rx.recv_timeout(QUIET) {
+                Ok(Ok(event)) => dirty.extend(
+                    event
+                        .paths
+                        .into_iter()
+                        .filter(|p| task_name_of(p).is_some()),
+                ),
+                Ok(Err(e)) => tracing::warn!(error = %e, "prefix directory watch error"),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    for path in dirty.drain() {
+                        self.reconcile(&path, LoadOrigin::Watch);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
+    /// Makes the map agree with one file on disk: load it if new or changed, drop it if gone.
+    fn reconcile(&self, path: &Path, origin: LoadOrigin) {
+        let Some(name) = task_name_of(path) else {
+            return;
+        };
+        let _guard = self.lock_writes();
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if self.remove(&name) {
+                    tracing::info!(task = %name, "prefix file removed; task unloaded");
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read prefix file");
+                self.observe_load(origin, false);
+                return;
+            }
+        };
+        let version = Task::version_of(&bytes);
+        if self.info(&name).is_some_and(|l| l.task.version == version) {
+            return; // our own upload, or an unchanged file
+        }
+        let loaded = PrefixFile::from_bytes(&bytes).and_then(|mut file| {
+            file.meta.task = name.clone();
+            Task::from_file(&file, self.model(), &bytes)
+        });
+        match loaded {
+            Ok(task) => {
+                tracing::info!(task = %name, version = %task.version, origin = origin.as_str(), "task loaded");
+                self.insert(&name, Arc::new(task));
+                self.observe_load(origin, true);
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "prefix file rejected; registry unchanged");
+                self.observe_load(origin, false);
+            }
+        }
+    }
+
+    fn path_of(&self, name: &str) -> PathBuf {
+        self.shared.dir.join(format!("{name}.{EXTENSION}"))
+    }
+
+    fn insert(&self, name: &str, task: Arc<Task>) {
+        let count = {
+            let mut map = self.write();
+            map.insert(
+                name.to_string(),
+                Loaded {
+                    task,
+                    loaded_at: SystemTime::now(),
+                },
+            );
+            map.len()
+        };
+        if let Some(o) = &self.shared.observer {
+            o.tasks_loaded(count);
+        }
+    }
+
+    fn remove(&self, name: &str) -> bool {
+        let (removed, count) = {
+            let mut map = self.write();
+            (map.remove(name).is_some(), map.len())
+        };
+        if let Some(o) = &self.shared.observer {
+            o.tasks_loaded(count);
+        }
+        removed
+    }
+
+    fn observe_load(&self, origin: LoadOrigin, ok: bool) {
+        if let Some(o) = &self.shared.observer {
+            o.prefix_load(origin, ok);
+        }
+    }
+
+    // A panic while holding a lock cannot leave the map half-updated (each update is one
+    // insert/remove), so a poisoned lock is safe to keep using.
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Loaded>> {
+        self.shared.tasks.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Loaded>> {
+        self.shared.tasks.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_writes(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.shared.writes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Keeps the directory watcher alive.
+pub struct WatchGuard {
+    _watcher: notify::RecommendedWatcher,
+}
+
+fn check_name(name: &str) -> Result<(), RegistryError> {
+    if valid_task_name(name) {
+        Ok(())
+    } else {
+        Err(RegistryError::InvalidName(name.to_string()))
+    }
+}
+
+/// `dir/<name>.safetensors` → `name`; temp files (`.name.tmp`) and other files → None.
+fn task_name_of(path: &Path) -> Option<String> {
+    if path.extension()? != EXTENSION {
+        return None;
+    }
+    let stem = path.file_stem()?.to_str()?;
+    valid_task_name(stem).then(|| stem.to_string())
+}

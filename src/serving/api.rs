@@ -1,0 +1,400 @@
+//! Public routes: classify, task listing, health, readiness, metrics.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+use tokio::sync::oneshot;
+use utoipa::ToSchema;
+
+use super::batcher::Job;
+use super::error::{ApiError, ErrorBody};
+use super::AppState;
+use crate::engine::{Prediction, TextInput};
+use crate::prefix::registry::Loaded;
+
+/// A classify request.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClassifyRequest {
+    /// The task (prefix) to classify with.
+    #[schema(example = "sst2")]
+    pub task: String,
+    /// One text, or a list whose items are texts or `{"text", "text_pair"}` objects.
+    #[schema(value_type = Inputs)]
+    pub inputs: Value,
+    /// Return the raw logits as `scores` instead of softmax/sigmoid probabilities.
+    #[serde(default)]
+    pub raw_scores: bool,
+}
+
+/// `inputs`: a string, or an array of strings and text-pair objects.
+#[allow(dead_code)] // documents the accepted shapes; parsing is by hand for precise errors
+#[derive(Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum Inputs {
+    One(String),
+    Many(Vec<InputItem>),
+}
+
+#[allow(dead_code)]
+#[derive(Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum InputItem {
+    Text(String),
+    Pair(TextPair),
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TextPair {
+    pub text: String,
+    #[serde(default)]
+    pub text_pair: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ClassifyResponse {
+    pub task: String,
+    /// The version (content hash) of the prefix that computed these results.
+    pub version: String,
+    /// One result per input, in input order.
+    pub results: Vec<ClassifyResult>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ClassifyResult {
+    pub label: String,
+    pub label_id: usize,
+    pub scores: Vec<f32>,
+    pub logits: Vec<f32>,
+    /// Multi-label tasks: every label scoring at least 0.5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Vec<String>>,
+}
+
+impl ClassifyResult {
+    fn new(p: Prediction, raw_scores: bool) -> Self {
+        Self {
+            scores: if raw_scores {
+                p.logits.clone()
+            } else {
+                p.scores
+            },
+            label: p.label,
+            label_id: p.label_id,
+            logits: p.logits,
+            labels: p.labels,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TaskInfo {
+    pub name: String,
+    pub labels: Vec<String>,
+    /// `single_label` (softmax scores) or `multi_label` (sigmoid scores).
+    pub problem_type: String,
+    /// P, the number of virtual tokens.
+    pub num_virtual_tokens: usize,
+    pub size_bytes: usize,
+    /// Provenance: `kind` (`peft_import`, `train`, …) and details.
+    #[schema(value_type = Object)]
+    pub source: Value,
+    /// `sha256:<hex>` of the prefix file.
+    pub version: String,
+    /// RFC 3339 time this version was loaded.
+    pub loaded_at: String,
+}
+
+impl From<&Loaded> for TaskInfo {
+    fn from(l: &Loaded) -> Self {
+        let t = &l.task;
+        Self {
+            name: t.name().to_string(),
+            labels: t.labels().to_vec(),
+            problem_type: t.problem_type().as_str().to_string(),
+            num_virtual_tokens: t.num_virtual_tokens(),
+            size_bytes: t.size_bytes,
+            source: serde_json::to_value(&t.meta.source).unwrap_or(Value::Null),
+            version: t.version.clone(),
+            loaded_at: rfc3339(l.loaded_at),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TaskList {
+    pub tasks: Vec<TaskInfo>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Status {
+    /// `ok`, `ready` or `draining`.
+    pub status: String,
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Parses `inputs` by hand so a bad item is named by its index.
+fn parse_inputs(
+    v: &Value,
+    max_inputs: usize,
+    max_chars: usize,
+) -> Result<Vec<TextInput>, ApiError> {
+    let check = |what: String, s: &str| {
+        if s.chars().count() > max_chars {
+            Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("{what} is longer than {max_chars} characters"),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    let item = |i: usize, v: &Value| -> Result<TextInput, ApiError> {
+        let input = match v {
+            Value::String(s) => TextInput::single(s.clone()),
+            Value::Object(_) => {
+                let p: TextPair = serde_json::from_value(v.clone()).map_err(|e| {
+                    ApiError::invalid_input(format!(
+                        "inputs[{i}]: expected {{\"text\": string, \"text_pair\": string}}: {e}"
+                    ))
+                })?;
+                TextInput {
+                    text: p.text,
+                    text_pair: p.text_pair,
+                }
+            }
+            _ => {
+                return Err(ApiError::invalid_input(format!(
+                    "inputs[{i}]: expected a string or {{\"text\", \"text_pair\"}}, got {}",
+                    json_kind(v)
+                )))
+            }
+        };
+        check(format!("inputs[{i}].text"), &input.text)?;
+        if let Some(p) = &input.text_pair {
+            check(format!("inputs[{i}].text_pair"), p)?;
+        }
+        Ok(input)
+    };
+    let inputs = match v {
+        Value::String(_) => vec![item(0, v)?],
+        Value::Array(items) => {
+            if items.is_empty() {
+                return Err(ApiError::invalid_input("inputs is empty"));
+            }
+            if items.len() > max_inputs {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!(
+                        "{} inputs in one request; the limit is {max_inputs}",
+                        items.len()
+                    ),
+                ));
+            }
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| item(i, v))
+                .collect::<Result<_, _>>()?
+        }
+        other => {
+            return Err(ApiError::invalid_input(format!(
+                "inputs: expected a string or an array, got {}",
+                json_kind(other)
+            )))
+        }
+    };
+    Ok(inputs)
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Classify inputs with a task.
+#[utoipa::path(
+    post,
+    path = "/v1/classify",
+    request_body = ClassifyRequest,
+    responses(
+        (status = 200, description = "One result per input, in order", body = ClassifyResponse),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 404, description = "Unknown task", body = ErrorBody),
+        (status = 413, description = "Body, input count or text too large", body = ErrorBody),
+        (status = 415, description = "Not application/json", body = ErrorBody),
+        (status = 422, description = "Well-formed JSON that is not a valid request", body = ErrorBody),
+        (status = 429, description = "Queue full; retry later", body = ErrorBody),
+        (status = 503, description = "Shutting down", body = ErrorBody),
+    ),
+    tag = "classify"
+)]
+pub async fn classify(
+    State(state): State<Arc<AppState>>,
+    body: Result<Json<ClassifyRequest>, JsonRejection>,
+) -> Response {
+    let start = Instant::now();
+    let mut task_label = String::from("unknown");
+    let result = classify_inner(&state, body, &mut task_label).await;
+    let status = match &result {
+        Ok(_) => StatusCode::OK,
+        Err(e) => e.status,
+    };
+    let m = &state.metrics;
+    m.requests
+        .with_label_values(&[task_label.as_str(), status.as_str()])
+        .inc();
+    m.request_duration
+        .with_label_values(&[task_label.as_str()])
+        .observe(start.elapsed().as_secs_f64());
+    if let Err(e) = &result {
+        tracing::debug!(task = %task_label, status = %status, error = %e.message, "classify refused");
+    }
+    result.into_response()
+}
+
+async fn classify_inner(
+    state: &Arc<AppState>,
+    body: Result<Json<ClassifyRequest>, JsonRejection>,
+    task_label: &mut String,
+) -> Result<Json<ClassifyResponse>, ApiError> {
+    if state.is_draining() {
+        return Err(ApiError::draining());
+    }
+    let Json(req) = body?;
+    // Only registered names become metric labels, so clients cannot mint new series.
+    let task = state
+        .registry
+        .get(&req.task)
+        .ok_or_else(|| ApiError::unknown_task(&req.task))?;
+    task_label.clone_from(&req.task);
+    let limits = &state.limits;
+    let inputs = parse_inputs(&req.inputs, limits.max_inputs, limits.max_text_chars)?;
+
+    let text = state.text.clone();
+    let p = task.num_virtual_tokens();
+    let encoded = tokio::task::spawn_blocking(move || {
+        inputs
+            .iter()
+            .map(|i| text.encode(i, p))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("tokenizer task failed: {e}")))?
+    .map_err(|e| ApiError::invalid_input(e.to_string()))?;
+
+    let now = Instant::now();
+    let (jobs, replies): (Vec<Job>, Vec<_>) = encoded
+        .into_iter()
+        .map(|tokens| {
+            let (tx, rx) = oneshot::channel();
+            let job = Job {
+                task: task.clone(),
+                tokens,
+                enqueued: now,
+                reply: tx,
+            };
+            (job, rx)
+        })
+        .unzip();
+    state.batcher.submit(jobs)?;
+
+    let mut results = Vec::with_capacity(replies.len());
+    for rx in replies {
+        let prediction = rx
+            .await
+            .map_err(|_| ApiError::draining())?
+            .map_err(ApiError::internal)?;
+        results.push(ClassifyResult::new(prediction, req.raw_scores));
+    }
+    Ok(Json(ClassifyResponse {
+        task: req.task,
+        version: task.version.clone(),
+        results,
+    }))
+}
+
+/// List the loaded tasks.
+#[utoipa::path(get, path = "/v1/tasks", responses((status = 200, body = TaskList)), tag = "tasks")]
+pub async fn list_tasks(State(state): State<Arc<AppState>>) -> Json<TaskList> {
+    Json(TaskList {
+        tasks: state.registry.list().iter().map(TaskInfo::from).collect(),
+    })
+}
+
+/// Describe one task.
+#[utoipa::path(
+    get,
+    path = "/v1/tasks/{task}",
+    params(("task" = String, Path, description = "Task name")),
+    responses((status = 200, body = TaskInfo), (status = 404, body = ErrorBody)),
+    tag = "tasks"
+)]
+pub async fn get_task(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Json<TaskInfo>, ApiError> {
+    state
+        .registry
+        .info(&name)
+        .map(|l| Json(TaskInfo::from(&l)))
+        .ok_or_else(|| ApiError::unknown_task(&name))
+}
+
+/// Liveness: the process is up.
+#[utoipa::path(get, path = "/health", responses((status = 200, body = Status)), tag = "health")]
+pub async fn health() -> Json<Status> {
+    Json(Status {
+        status: "ok".into(),
+    })
+}
+
+/// Readiness: the model is loaded and the server is not draining.
+#[utoipa::path(
+    get,
+    path = "/ready",
+    responses((status = 200, body = Status), (status = 503, body = Status)),
+    tag = "health"
+)]
+pub async fn ready(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Status>) {
+    if state.is_draining() {
+        let body = Status {
+            status: "draining".into(),
+        };
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body))
+    } else {
+        let body = Status {
+            status: "ready".into(),
+        };
+        (StatusCode::OK, Json(body))
+    }
+}
+
+/// Prometheus metrics, text exposition format.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, content_type = "text/plain", body = String)), tag = "health")]
+pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+}

@@ -1,0 +1,112 @@
+//! Prometheus metrics. Names follow Prometheus practice: a `prefixd_` namespace, base units
+//! (`_seconds`), `_total` on counters, no colons.
+
+use prometheus::{
+    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
+};
+
+use crate::prefix::registry::{LoadOrigin, RegistryObserver};
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub queue_duration: Histogram,
+    pub inference_duration: Histogram,
+    pub batch_size: Histogram,
+    pub batch_tokens: Histogram,
+    pub batch_tasks: Histogram,
+    pub queue_depth: IntGauge,
+    pub tasks_loaded: IntGauge,
+    pub prefix_loads: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new_custom(Some("prefixd".into()), None)?;
+        let seconds = exponential_buckets(0.0005, 2.0, 16)?; // 0.5 ms … 16 s
+        let m = Self {
+            requests: IntCounterVec::new(
+                Opts::new("requests_total", "Classify requests by task and HTTP status."),
+                &["task", "status"],
+            )?,
+            request_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "request_duration_seconds",
+                    "Classify request time, from arrival to response.",
+                )
+                .buckets(seconds.clone()),
+                &["task"],
+            )?,
+            queue_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "queue_duration_seconds",
+                    "Time a row waited in the queue before its batch started.",
+                )
+                .buckets(seconds.clone()),
+            )?,
+            inference_duration: Histogram::with_opts(
+                HistogramOpts::new("inference_duration_seconds", "Forward pass time per batch.")
+                    .buckets(seconds),
+            )?,
+            batch_size: Histogram::with_opts(
+                HistogramOpts::new("batch_size", "Rows per batch.")
+                    .buckets(exponential_buckets(1.0, 2.0, 9)?),
+            )?,
+            batch_tokens: Histogram::with_opts(
+                HistogramOpts::new(
+                    "batch_tokens",
+                    "Padded tokens per batch: rows × (longest row + longest prefix).",
+                )
+                .buckets(exponential_buckets(16.0, 2.0, 12)?),
+            )?,
+            batch_tasks: Histogram::with_opts(
+                HistogramOpts::new("batch_tasks", "Distinct tasks per batch.")
+                    .buckets(exponential_buckets(1.0, 2.0, 9)?),
+            )?,
+            queue_depth: IntGauge::new("queue_depth", "Rows waiting for a batch.")?,
+            tasks_loaded: IntGauge::new("tasks_loaded", "Tasks in the registry.")?,
+            prefix_loads: IntCounterVec::new(
+                Opts::new(
+                    "prefix_loads_total",
+                    "Prefix load attempts by origin (startup, watch, upload) and result (ok, error).",
+                ),
+                &["origin", "result"],
+            )?,
+            registry,
+        };
+        let r = &m.registry;
+        r.register(Box::new(m.requests.clone()))?;
+        r.register(Box::new(m.request_duration.clone()))?;
+        r.register(Box::new(m.queue_duration.clone()))?;
+        r.register(Box::new(m.inference_duration.clone()))?;
+        r.register(Box::new(m.batch_size.clone()))?;
+        r.register(Box::new(m.batch_tokens.clone()))?;
+        r.register(Box::new(m.batch_tasks.clone()))?;
+        r.register(Box::new(m.queue_depth.clone()))?;
+        r.register(Box::new(m.tasks_loaded.clone()))?;
+        r.register(Box::new(m.prefix_loads.clone()))?;
+        Ok(m)
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for the text format.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl RegistryObserver for Metrics {
+    fn prefix_load(&self, origin: LoadOrigin, ok: bool) {
+        self.prefix_loads
+            .with_label_values(&[origin.as_str(), if ok { "ok" } else { "error" }])
+            .inc();
+    }
+
+    fn tasks_loaded(&self, count: usize) {
+        self.tasks_loaded.set(count as i64);
+    }
+}

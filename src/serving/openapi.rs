@@ -1,0 +1,47 @@
+//! The OpenAPI document, generated from the handlers' annotations.
+
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use super::{admin, api, error};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "prefixd", description = "Prefix-tuned BERT text classification: many tasks over one frozen model."),
+    paths(
+        api::classify,
+        api::list_tasks,
+        api::get_task,
+        admin::put_task,
+        admin::delete_task,
+        api::health,
+        api::ready,
+        api::metrics,
+    ),
+    components(schemas(
+        api::ClassifyRequest,
+        api::Inputs,
+        api::InputItem,
+        api::TextPair,
+        api::ClassifyResponse,
+        api::ClassifyResult,
+        api::TaskInfo,
+        api::TaskList,
+        api::Status,
+        error::ErrorBody,
+    )),
+    modifiers(&BearerAuth),
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
