@@ -6,7 +6,7 @@ use serde_json::json;
 use std::time::{Duration, Instant};
 
 use super::ModelArgs;
-use crate::engine::{Encoded, Engine, Row};
+use crate::engine::{Encoded, Engine, Row, TextInput};
 use crate::prefix::synthetic::random_prefix;
 use crate::prefix::Task;
 
@@ -32,6 +32,73 @@ pub struct BenchArgs {
     /// Untimed warm-up passes.
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
+    /// Measure the latency of one short request (tokenize + forward + argmax) instead.
+    #[arg(long)]
+    pub latency: bool,
+}
+
+/// The sentence `torch_baseline.py --latency` uses (14 tokens with [CLS] and [SEP]).
+const SENTENCE: &str = "This movie was surprisingly good, I would watch it again!";
+
+/// Calls `f` `warmup` times, then until both `min_calls` and `seconds` are reached; sorted times.
+fn timed(
+    warmup: usize,
+    min_calls: usize,
+    seconds: f64,
+    mut f: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<Vec<f64>> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.len() < min_calls || start.elapsed() < Duration::from_secs_f64(seconds) {
+        let t0 = Instant::now();
+        f()?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok(times)
+}
+
+fn threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+fn latency(engine: &Engine, task: &Task, args: &BenchArgs) -> anyhow::Result<()> {
+    let input = TextInput::single(SENTENCE);
+    let p = task.num_virtual_tokens();
+    let tokens = engine.text_encoder().encode(&input, p)?.len();
+    let times = timed(args.warmup.max(20), 200, args.seconds, || {
+        let enc = engine.text_encoder().encode(&input, p)?;
+        let pred = engine.classify(&[Row { task, tokens: &enc }])?;
+        std::hint::black_box(pred[0].label_id);
+        Ok(())
+    })?;
+    let ms: Vec<f64> = times.iter().map(|t| t * 1e3).collect();
+    let pct = |q: f64| {
+        ms[((q * ms.len() as f64) as usize)
+            .saturating_sub(1)
+            .min(ms.len() - 1)]
+    };
+    println!(
+        "{}",
+        json!({
+            "engine": "prefixd",
+            "mode": "latency",
+            "prefix_len": p,
+            "tokens": tokens,
+            "threads": threads(),
+            "median_ms": ms[ms.len() / 2],
+            "p90_ms": pct(0.9),
+            "p99_ms": pct(0.99),
+            "calls": ms.len(),
+        })
+    );
+    Ok(())
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -57,6 +124,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             Ok(Task::from_file(&file, &info, &file.to_bytes()?)?)
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    if args.latency {
+        return latency(&engine, &tasks[0], &args);
+    }
     let vocab = engine.model().config().vocab_size as u32;
     let encoded: Vec<Encoded> = (0..args.batch)
         .map(|_| {
@@ -80,22 +150,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         })
         .collect();
 
-    for _ in 0..args.warmup {
+    let times = timed(args.warmup, 7, args.seconds, || {
         engine.classify(&rows)?;
-    }
-    let mut times = Vec::new();
-    let start = Instant::now();
-    while times.len() < 7 || start.elapsed() < Duration::from_secs_f64(args.seconds) {
-        let t0 = Instant::now();
-        engine.classify(&rows)?;
-        times.push(t0.elapsed().as_secs_f64());
-    }
-    times.sort_by(|a, b| a.total_cmp(b));
+        Ok(())
+    })?;
     let median = times[times.len() / 2];
-    let threads = std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     println!(
         "{}",
         json!({
@@ -105,7 +164,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "seq_len": args.seq_len,
             "prefix_len": args.prefix_len,
             "tasks": args.tasks,
-            "threads": threads,
+            "threads": threads(),
             "median_batch_ms": median * 1e3,
             "seq_per_s": args.batch as f64 / median,
             "tokens_per_s": (args.batch * args.seq_len) as f64 / median,

@@ -5,6 +5,7 @@ mod bench;
 mod classify;
 mod convert;
 mod serve;
+mod synth;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -34,6 +35,8 @@ pub enum Command {
     Inspect(convert::InspectArgs),
     /// Measure engine throughput on synthetic inputs; prints one JSON object.
     Bench(bench::BenchArgs),
+    /// Write random prefix files (for load tests of the server).
+    Synth(synth::SynthArgs),
 }
 
 /// The base model directory argument shared by every command that runs the model.
@@ -79,5 +82,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ExportPeft(a) => convert::export(a),
         Command::Inspect(a) => convert::inspect(a),
         Command::Bench(a) => bench::run(a),
+        Command::Synth(a) => synth::run(a),
     }
 }

@@ -296,3 +296,110 @@ fn take_batch(pending: &mut Vec<Job>, config: &BatcherConfig) -> Vec<Job> {
     *pending = rest;
     batch
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ModelInfo;
+    use crate::prefix::synthetic::random_prefix;
+    use rand::SeedableRng;
+
+    fn task(p: usize) -> Arc<Task> {
+        let info = ModelInfo {
+            name: "tiny".into(),
+            layers: 1,
+            hidden: 8,
+            heads: 2,
+            max_positions: 512,
+            fingerprint: String::new(),
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(p as u64);
+        let file = random_prefix(&info, "t", p, 2, &mut rng).unwrap();
+        Arc::new(Task::from_file(&file, &info, &file.to_bytes().unwrap()).unwrap())
+    }
+
+    /// Jobs of the given (tokens, task) shapes, in arrival order; ids encode the arrival index.
+    fn jobs(shapes: &[(usize, &Arc<Task>)]) -> Vec<Job> {
+        shapes
+            .iter()
+            .enumerate()
+            .map(|(i, (len, task))| Job {
+                task: (*task).clone(),
+                tokens: Encoded {
+                    ids: vec![i as u32; *len],
+                    type_ids: vec![0; *len],
+                },
+                enqueued: Instant::now(),
+                reply: oneshot::channel().0,
+            })
+            .collect()
+    }
+
+    fn ids(batch: &[Job]) -> Vec<u32> {
+        batch.iter().map(|j| j.tokens.ids[0]).collect()
+    }
+
+    #[test]
+    fn a_lone_row_runs_alone_even_over_budget() {
+        let t = task(20);
+        let mut pending = jobs(&[(500, &t)]);
+        let cfg = BatcherConfig {
+            max_batch_tokens: 64,
+            ..Default::default()
+        };
+        assert_eq!(ids(&take_batch(&mut pending, &cfg)), [0]);
+        assert!(pending.is_empty());
+    }
+
+    #[test]
+    fn similar_lengths_group_around_the_oldest_row() {
+        let t = task(4);
+        // Oldest row has 10 tokens; budget fits 4 rows of ~14 padded tokens.
+        let mut pending = jobs(&[(10, &t), (100, &t), (9, &t), (11, &t), (120, &t), (10, &t)]);
+        let cfg = BatcherConfig {
+            max_batch_rows: 64,
+            max_batch_tokens: 4 * 15,
+            max_queue_rows: 100,
+        };
+        let batch = take_batch(&mut pending, &cfg);
+        assert_eq!(
+            ids(&batch),
+            [0, 2, 3, 5],
+            "short rows together, arrival order kept"
+        );
+        assert_eq!(ids(&pending), [1, 4]);
+        let batch = take_batch(&mut pending, &cfg);
+        assert_eq!(ids(&batch), [1], "two long rows exceed the budget together");
+        assert_eq!(ids(&take_batch(&mut pending, &cfg)), [4]);
+    }
+
+    #[test]
+    fn tasks_mix_and_the_cost_counts_the_longest_prefix() {
+        let (short, long) = (task(2), task(30));
+        let mut pending = jobs(&[(8, &short), (8, &long), (8, &short)]);
+        // 3 rows × (8 + 30) = 114 > 100, 2 rows × (8 + 30) = 76 fits.
+        let cfg = BatcherConfig {
+            max_batch_rows: 64,
+            max_batch_tokens: 100,
+            max_queue_rows: 100,
+        };
+        let batch = take_batch(&mut pending, &cfg);
+        assert_eq!(batch.len(), 2);
+        assert!(padded_cost(&batch) <= 100);
+        assert_eq!(ids(&batch)[0], 0, "the oldest row is always served");
+    }
+
+    #[test]
+    fn row_limit_applies() {
+        let t = task(1);
+        let shapes: Vec<(usize, &Arc<Task>)> = (0..10).map(|_| (5, &t)).collect();
+        let mut pending = jobs(&shapes);
+        let cfg = BatcherConfig {
+            max_batch_rows: 3,
+            max_batch_tokens: 10_000,
+            max_queue_rows: 100,
+        };
+        assert_eq!(take_batch(&mut pending, &cfg).len(), 3);
+        assert_eq!(pending.len(), 7);
+    }
+}
