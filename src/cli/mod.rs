@@ -6,6 +6,7 @@ mod classify;
 mod convert;
 mod serve;
 mod synth;
+mod train;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -25,6 +26,10 @@ pub struct Cli {
 pub enum Command {
     /// Serve many tasks over one model on HTTP (classify, tasks, admin, health, metrics).
     Serve(serve::ServeArgs),
+    /// Learn a task prefix (and head) on the frozen model from labelled data.
+    Train(train::TrainArgs),
+    /// Score a prefix on labelled data: accuracy, macro-F1, per-class figures, confusion.
+    Eval(train::EvalArgs),
     /// Classify texts with one task prefix (a native file or a PEFT adapter directory).
     Classify(classify::ClassifyArgs),
     /// Convert a PEFT prefix-tuning adapter directory into a native prefix file.
@@ -78,6 +83,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(a) => serve::run(a),
         Command::Classify(a) => classify::run(a),
+        Command::Train(a) => train::run_train(a),
+        Command::Eval(a) => train::run_eval(a),
         Command::ImportPeft(a) => convert::import(a),
         Command::ExportPeft(a) => convert::export(a),
         Command::Inspect(a) => convert::inspect(a),

@@ -1,7 +1,8 @@
 //! Turning rows of (tokens, prefix) into the padded tensors one forward pass consumes.
 //!
 //! Everything is assembled in plain host memory and uploaded once: a batch of 32 rows becomes six
-//! tensors, not hundreds of small tensor ops.
+//! tensors, not hundreds of small tensor ops. The token side ([`TokenBatch`]) is shared with
+//! training; the prefix side differs (gathered per row here, a trainable tensor there).
 
 use candle_core::{Device, Tensor};
 
@@ -15,8 +16,8 @@ pub struct EncoderRow<'a> {
     pub prefix: &'a PrefixKv,
 }
 
-/// The padded batch. `S` is the longest row, `Pmax` the longest prefix among the rows.
-pub(crate) struct BatchInputs {
+/// The padded token side of a batch. `S` is the longest row, `Pmax` the longest prefix.
+pub(crate) struct TokenBatch {
     pub rows: usize,
     pub seq_len: usize,
     /// `[B·S]` u32, flattened so embeddings are one gather each.
@@ -26,36 +27,32 @@ pub(crate) struct BatchInputs {
     /// `[B, 1, 1, Pmax + S]` additive key mask: 0 where attended, −∞ for padded prefix slots
     /// and padded tokens.
     pub key_mask: Tensor,
-    /// `[L, 2, B, H, Pmax, D]`; `.get(l)?.get(kv)?` is one layer's contiguous `[B, H, Pmax, D]`.
-    pub prefix_kv: Tensor,
 }
 
-impl BatchInputs {
-    pub fn build(
-        rows: &[EncoderRow<'_>],
-        max_positions: usize,
-        layers: usize,
-        heads: usize,
-        head_dim: usize,
-        device: &Device,
-    ) -> Result<Self> {
+/// The shape facts batch building checks rows against.
+pub(crate) struct Dims {
+    pub max_positions: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+impl TokenBatch {
+    /// `rows`: (token ids, type ids, the row's prefix length P).
+    pub fn build(rows: &[(&[u32], &[u32], usize)], dims: &Dims, device: &Device) -> Result<Self> {
         if rows.is_empty() {
             return Err(ModelError::Batch("a batch needs at least one row".into()));
         }
         let b = rows.len();
-        let s = rows.iter().map(|r| r.input_ids.len()).max().unwrap_or(0);
-        let p_max = rows
-            .iter()
-            .map(|r| r.prefix.num_virtual_tokens())
-            .max()
-            .unwrap_or(0);
-        for (i, r) in rows.iter().enumerate() {
-            let p = r.prefix.num_virtual_tokens();
-            let n = r.input_ids.len();
-            if n == 0 || r.type_ids.len() != n {
+        let s = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
+        let p_max = rows.iter().map(|r| r.2).max().unwrap_or(0);
+        let max_positions = dims.max_positions;
+        for (i, &(ids, types, p)) in rows.iter().enumerate() {
+            let n = ids.len();
+            if n == 0 || types.len() != n {
                 return Err(ModelError::Batch(format!(
                     "row {i}: {n} token ids and {} type ids (need the same, at least one)",
-                    r.type_ids.len()
+                    types.len()
                 )));
             }
             // Positions start at P: the row's last token sits at P + n − 1.
@@ -64,52 +61,23 @@ impl BatchInputs {
                     "row {i}: {n} tokens after a prefix of {p} exceed the model's {max_positions} positions"
                 )));
             }
-            if (r.prefix.layers(), r.prefix.heads(), r.prefix.head_dim())
-                != (layers, heads, head_dim)
-            {
-                return Err(ModelError::Batch(format!(
-                    "row {i}: prefix shaped for {} layers × {} heads × {} dims, model has {layers} × {heads} × {head_dim}",
-                    r.prefix.layers(),
-                    r.prefix.heads(),
-                    r.prefix.head_dim()
-                )));
-            }
         }
-
         let mut ids = vec![0u32; b * s];
         let mut types = vec![0u32; b * s];
         let mut positions = vec![0u32; b * s];
         let t = p_max + s;
         let mut mask = vec![f32::NEG_INFINITY; b * t];
-        for (i, r) in rows.iter().enumerate() {
-            let p = r.prefix.num_virtual_tokens();
-            let n = r.input_ids.len();
-            ids[i * s..i * s + n].copy_from_slice(r.input_ids);
-            types[i * s..i * s + n].copy_from_slice(r.type_ids);
+        for (i, &(row_ids, row_types, p)) in rows.iter().enumerate() {
+            let n = row_ids.len();
+            ids[i * s..i * s + n].copy_from_slice(row_ids);
+            types[i * s..i * s + n].copy_from_slice(row_types);
             for (j, pos) in positions[i * s..(i + 1) * s].iter_mut().enumerate() {
                 // Padding slots are masked out, but still need an in-range embedding index.
                 *pos = (p + j).min(max_positions - 1) as u32;
             }
             // Prefixes are right-aligned in the Pmax slots: [pad … pad | prefix | tokens | pad …].
-            let m = &mut mask[i * t..(i + 1) * t];
-            m[p_max - p..p_max + n].fill(0.0);
+            mask[i * t + p_max - p..i * t + p_max + n].fill(0.0);
         }
-
-        let block = p_max * head_dim;
-        let mut kv = vec![0f32; layers * 2 * b * heads * block];
-        for l in 0..layers {
-            for k in 0..2 {
-                for (i, r) in rows.iter().enumerate() {
-                    let p = r.prefix.num_virtual_tokens();
-                    for h in 0..heads {
-                        let dst = (((l * 2 + k) * b + i) * heads + h) * block;
-                        let off = (p_max - p) * head_dim;
-                        kv[dst + off..dst + block].copy_from_slice(r.prefix.block(l, k, h));
-                    }
-                }
-            }
-        }
-
         Ok(Self {
             rows: b,
             seq_len: s,
@@ -117,7 +85,38 @@ impl BatchInputs {
             type_ids: Tensor::from_vec(types, b * s, device)?,
             position_ids: Tensor::from_vec(positions, b * s, device)?,
             key_mask: Tensor::from_vec(mask, (b, 1, 1, t), device)?,
-            prefix_kv: Tensor::from_vec(kv, (layers, 2, b, heads, p_max, head_dim), device)?,
         })
     }
+}
+
+/// Every row's prefix keys/values, right-aligned in `Pmax` slots (the mask hides the rest):
+/// `[L, 2, B, H, Pmax, D]`, so `.get(l)` is one layer's contiguous `[2, B, H, Pmax, D]`.
+pub(crate) fn gather_prefixes(rows: &[EncoderRow<'_>], dims: &Dims, device: &Device) -> Result<Tensor> {
+    let (layers, heads, head_dim) = (dims.layers, dims.heads, dims.head_dim);
+    for (i, r) in rows.iter().enumerate() {
+        if (r.prefix.layers(), r.prefix.heads(), r.prefix.head_dim()) != (layers, heads, head_dim) {
+            return Err(ModelError::Batch(format!(
+                "row {i}: prefix shaped for {} layers × {} heads × {} dims, model has {layers} × {heads} × {head_dim}",
+                r.prefix.layers(),
+                r.prefix.heads(),
+                r.prefix.head_dim()
+            )));
+        }
+    }
+    let b = rows.len();
+    let p_max = rows.iter().map(|r| r.prefix.num_virtual_tokens()).max().unwrap_or(0);
+    let block = p_max * head_dim;
+    let mut kv = vec![0f32; layers * 2 * b * heads * block];
+    for l in 0..layers {
+        for k in 0..2 {
+            for (i, r) in rows.iter().enumerate() {
+                let off = (p_max - r.prefix.num_virtual_tokens()) * head_dim;
+                for h in 0..heads {
+                    let dst = (((l * 2 + k) * b + i) * heads + h) * block;
+                    kv[dst + off..dst + block].copy_from_slice(r.prefix.block(l, k, h));
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(kv, (layers, 2, b, heads, p_max, head_dim), device)?)
 }

@@ -8,13 +8,29 @@
 //! - the key mask always attends the row's prefix slots and masks the padding ones.
 //!
 //! Activations are kept flat as `[B·S, Hd]` so that every dense layer is one matmul.
+//!
+//! The same modules serve training ([`PrefixedBert::pooled_train`]): a `Mode` switches the three
+//! fused ops without a backward (dense, LayerNorm, softmax) to their `train_ops` versions and
+//! turns dropout on.
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use std::path::Path;
 
-use super::batch::{BatchInputs, EncoderRow};
+use super::batch::{gather_prefixes, Dims, EncoderRow, TokenBatch};
+use super::train_ops::{self, Dropout};
 use super::weights::{self, Weights};
-use super::{Activation, BertConfig, ModelInfo, Result};
+use super::{Activation, BertConfig, ModelError, ModelInfo, Result};
+
+/// Inference, or training with dropout. In training, every op on the path from the prefix to the
+/// loss must have a backward (see `train_ops`); in inference, the fastest kernel wins.
+type Mode<'a> = Option<&'a mut Dropout>;
+
+fn dropout(x: Tensor, mode: &mut Mode<'_>) -> Result<Tensor> {
+    match mode {
+        Some(d) => Ok(d.apply(&x)?),
+        None => Ok(x),
+    }
+}
 
 /// A dense layer with its weight stored pre-transposed as `[in, out]`, so the forward is a plain
 /// `x · W` with both operands contiguous.
@@ -43,8 +59,14 @@ impl Linear {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.matmul(&self.weight_t)?.broadcast_add(&self.bias)?)
+    fn forward(&self, x: &Tensor, mode: &Mode<'_>) -> Result<Tensor> {
+        Ok(match mode {
+            None => x.matmul(&self.weight_t)?.broadcast_add(&self.bias)?,
+            Some(_) => x.contiguous()?.apply_op1(train_ops::FrozenLinear {
+                weight_t: self.weight_t.clone(),
+                bias: self.bias.clone(),
+            })?,
+        })
     }
 }
 
@@ -69,13 +91,15 @@ impl LayerNorm {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(
-            x,
-            &self.weight,
-            &self.bias,
-            self.eps,
-        )?)
+    fn forward(&self, x: &Tensor, mode: &Mode<'_>) -> Result<Tensor> {
+        Ok(match mode {
+            None => candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps)?,
+            Some(_) => x.contiguous()?.apply_op1(train_ops::LayerNorm {
+                weight: self.weight.clone(),
+                bias: self.bias.clone(),
+                eps: self.eps,
+            })?,
+        })
     }
 }
 
@@ -103,7 +127,7 @@ impl BertEmbeddings {
         })
     }
 
-    fn forward(&self, inputs: &BatchInputs) -> Result<Tensor> {
+    fn forward(&self, inputs: &TokenBatch, mode: &mut Mode<'_>) -> Result<Tensor> {
         let words = self.word_embeddings.index_select(&inputs.input_ids, 0)?;
         let types = self
             .token_type_embeddings
@@ -111,7 +135,10 @@ impl BertEmbeddings {
         let positions = self
             .position_embeddings
             .index_select(&inputs.position_ids, 0)?;
-        self.layer_norm.forward(&((words + types)? + positions)?)
+        let x = self
+            .layer_norm
+            .forward(&((words + types)? + positions)?, mode)?;
+        dropout(x, mode)
     }
 }
 
@@ -137,20 +164,31 @@ impl BertSelfAttention {
     }
 
     /// `x`: `[B·S, Hd]`; `prefix_kv`: `[2, B, H, Pmax, D]`. Returns the merged heads `[B·S, Hd]`.
-    fn forward(&self, x: &Tensor, prefix_kv: &Tensor, inputs: &BatchInputs) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        prefix_kv: &Tensor,
+        inputs: &TokenBatch,
+        mode: &mut Mode<'_>,
+    ) -> Result<Tensor> {
         let (b, s, h, d) = (inputs.rows, inputs.seq_len, self.heads, self.head_dim);
         let qkv = self
             .qkv
-            .forward(x)?
+            .forward(x, mode)?
             .reshape((b, s, 3, h, d))?
             .permute((2, 0, 3, 1, 4))?
             .contiguous()?; // [3, B, H, S, D]
         let q = qkv.get(0)?;
-        let k = Tensor::cat(&[&prefix_kv.get(0)?, &qkv.get(1)?], 2)?; // [B, H, Pmax+S, D]
-        let v = Tensor::cat(&[&prefix_kv.get(1)?, &qkv.get(2)?], 2)?;
+        let prefix_k = prefix_kv.get(0)?.contiguous()?;
+        let prefix_v = prefix_kv.get(1)?.contiguous()?;
+        let k = Tensor::cat(&[&prefix_k, &qkv.get(1)?], 2)?; // [B, H, Pmax+S, D]
+        let v = Tensor::cat(&[&prefix_v, &qkv.get(2)?], 2)?;
         let scale = 1.0 / (d as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&inputs.key_mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = match mode {
+            None => candle_nn::ops::softmax_last_dim(&scores)?,
+            Some(_) => dropout(scores.contiguous()?.apply_op1(train_ops::Softmax)?, mode)?,
+        };
         let context = probs.matmul(&v)?; // [B, H, S, D]
         Ok(context
             .transpose(1, 2)?
@@ -178,9 +216,9 @@ impl DenseResidualNorm {
         })
     }
 
-    fn forward(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        self.layer_norm
-            .forward(&(self.dense.forward(x)? + residual)?)
+    fn forward(&self, x: &Tensor, residual: &Tensor, mode: &mut Mode<'_>) -> Result<Tensor> {
+        let y = dropout(self.dense.forward(x, mode)?, mode)?;
+        self.layer_norm.forward(&(y + residual)?, mode)
     }
 }
 
@@ -214,16 +252,22 @@ impl BertLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, prefix_kv: &Tensor, inputs: &BatchInputs) -> Result<Tensor> {
-        let attended = self.attention.forward(x, prefix_kv, inputs)?;
-        let x = self.attention_output.forward(&attended, x)?;
-        let hidden = self.intermediate.forward(&x)?;
+    fn forward(
+        &self,
+        x: &Tensor,
+        prefix_kv: &Tensor,
+        inputs: &TokenBatch,
+        mode: &mut Mode<'_>,
+    ) -> Result<Tensor> {
+        let attended = self.attention.forward(x, prefix_kv, inputs, mode)?;
+        let x = self.attention_output.forward(&attended, x, mode)?;
+        let hidden = self.intermediate.forward(&x, mode)?;
         let hidden = match self.activation {
-            Activation::GeluErf => hidden.gelu_erf()?,
+            Activation::GeluErf => super::kernels::gelu_erf(&hidden)?,
             Activation::GeluTanh => hidden.gelu()?,
             Activation::Relu => hidden.relu()?,
         };
-        self.output.forward(&hidden, &x)
+        self.output.forward(&hidden, &x, mode)
     }
 }
 
@@ -268,32 +312,84 @@ impl PrefixedBert {
         &self.device
     }
 
+    fn dims(&self) -> Dims {
+        let c = &self.config;
+        Dims {
+            max_positions: c.max_position_embeddings,
+            layers: c.num_hidden_layers,
+            heads: c.num_attention_heads,
+            head_dim: c.head_dim(),
+        }
+    }
+
+    /// Embeddings, every layer with its prefix, and the pooler: `[B, Hd]`.
+    /// `prefix_kv(l)` gives layer `l`'s `[2, B, H, P, D]` prefix keys and values.
+    fn encode(
+        &self,
+        inputs: &TokenBatch,
+        prefix_kv: impl Fn(usize) -> Result<Tensor>,
+        mode: &mut Mode<'_>,
+    ) -> Result<Tensor> {
+        let hd = self.config.hidden_size;
+        let mut x = self.embeddings.forward(inputs, mode)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, &prefix_kv(l)?, inputs, mode)?;
+        }
+        let cls = x
+            .reshape((inputs.rows, inputs.seq_len, hd))?
+            .i((.., 0))?
+            .contiguous()?;
+        Ok(self.pooler.forward(&cls, mode)?.tanh()?)
+    }
+
     /// Runs the rows through the encoder and the pooler: `tanh(pooler(h[:, 0]))`, `[B, Hd]` F32.
     /// Each row's result depends only on its own tokens and prefix, never on the batch's padding.
     pub fn pooled(&self, rows: &[EncoderRow<'_>]) -> Result<Tensor> {
-        let c = &self.config;
-        let inputs = BatchInputs::build(
-            rows,
-            c.max_position_embeddings,
-            c.num_hidden_layers,
-            c.num_attention_heads,
-            c.head_dim(),
-            &self.device,
-        )?;
-        let mut x = self.embeddings.forward(&inputs)?;
-        for (l, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &inputs.prefix_kv.get(l)?, &inputs)?;
-        }
-        let cls = x
-            .reshape((inputs.rows, inputs.seq_len, c.hidden_size))?
-            .i((.., 0))?
-            .contiguous()?;
-        let pooled = self.pooler.forward(&cls)?.tanh()?;
+        let dims = self.dims();
+        let tokens: Vec<(&[u32], &[u32], usize)> = rows
+            .iter()
+            .map(|r| (r.input_ids, r.type_ids, r.prefix.num_virtual_tokens()))
+            .collect();
+        let inputs = TokenBatch::build(&tokens, &dims, &self.device)?;
+        let prefixes = gather_prefixes(rows, &dims, &self.device)?;
+        let pooled = self.encode(&inputs, |l| Ok(prefixes.get(l)?), &mut None)?;
         Ok(pooled.to_dtype(DType::F32)?)
     }
 
     /// The pooled vectors as host rows.
     pub fn pooled_vecs(&self, rows: &[EncoderRow<'_>]) -> Result<Vec<Vec<f32>>> {
         Ok(self.pooled(rows)?.to_vec2::<f32>()?)
+    }
+
+    /// The training forward: rows of one task whose prefix is the (trainable) tensor
+    /// `prompt_embeddings`, `[P, L·2·Hd]` in PEFT's layout, with dropout. Gradients flow to the
+    /// prefix and never to the frozen weights. Returns the pooled `[B, Hd]`.
+    pub fn pooled_train(
+        &self,
+        rows: &[(&[u32], &[u32])],
+        prompt_embeddings: &Tensor,
+        dropout: &mut Dropout,
+    ) -> Result<Tensor> {
+        let dims = self.dims();
+        let (p, width) = prompt_embeddings.dims2()?;
+        let (l, h, d) = (dims.layers, dims.heads, dims.head_dim);
+        if width != l * 2 * h * d {
+            return Err(ModelError::Batch(format!(
+                "prompt_embeddings is [{p}, {width}], expected [P, {}]",
+                l * 2 * h * d
+            )));
+        }
+        let tokens: Vec<(&[u32], &[u32], usize)> = rows.iter().map(|r| (r.0, r.1, p)).collect();
+        let inputs = TokenBatch::build(&tokens, &dims, &self.device)?;
+        let b = inputs.rows;
+        // [P, L·2·Hd] → [L, 2, H, P, D]: the same permutation `PrefixKv` does at load.
+        let kv = prompt_embeddings
+            .reshape((p, l, 2, h, d))?
+            .permute((1, 2, 3, 0, 4))?
+            .contiguous()?;
+        let prefix = |layer: usize| -> Result<Tensor> {
+            Ok(kv.get(layer)?.unsqueeze(1)?.broadcast_as((2, b, h, p, d))?)
+        };
+        self.encode(&inputs, prefix, &mut Some(dropout))
     }
 }

@@ -6,13 +6,16 @@
 mod batch;
 mod bert;
 mod config;
+mod kernels;
 mod prefix_kv;
+mod train_ops;
 mod weights;
 
 pub use batch::EncoderRow;
 pub use bert::PrefixedBert;
 pub use config::{Activation, BertConfig};
 pub use prefix_kv::PrefixKv;
+pub use train_ops::Dropout;
 pub use weights::{fingerprint_file, ModelInfo};
 
 use std::path::PathBuf;

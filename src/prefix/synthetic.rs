@@ -8,7 +8,7 @@ use super::{
 use crate::model::ModelInfo;
 
 /// Box–Muller: standard normal samples without another dependency.
-fn normal(rng: &mut impl Rng) -> f32 {
+pub fn normal(rng: &mut impl Rng) -> f32 {
     let u1: f32 = rng.random::<f32>().max(f32::MIN_POSITIVE);
     let u2: f32 = rng.random();
     (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()

@@ -1,0 +1,248 @@
+//! What training needs from the encoder that inference does not: gradients through the frozen
+//! model to the prefix, and dropout.
+//!
+//! candle 0.11's fused `layer_norm` and `softmax_last_dim` have no backward: used in training they
+//! silently cut the graph, and the prefix would get no gradient. And a plain `matmul` against a
+//! frozen weight still computes the weight's gradient (a wasted second matmul per layer). So the
+//! training path uses these custom ops instead: the same fused forward kernels, plus a hand-written
+//! backward that returns only the gradient with respect to the activations.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+/// Contiguous F32 data of a custom op's input.
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    let data = match s {
+        CpuStorage::F32(v) => v,
+        _ => candle_core::bail!("{op}: expected F32"),
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{op}: expected a contiguous input"),
+    }
+}
+
+/// Runs a candle computation on a custom op's input and hands back the result's storage.
+/// Costs a copy in and out, which is small next to the matmul it wraps.
+fn via_tensor(
+    s: &CpuStorage,
+    l: &Layout,
+    op: &str,
+    f: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<(CpuStorage, Shape)> {
+    let x = Tensor::from_slice(f32_slice(s, l, op)?, l.shape(), &candle_core::Device::Cpu)?;
+    let y = f(&x)?.contiguous()?;
+    let shape = y.shape().clone();
+    let storage = match &*y.storage_and_layout().0 {
+        candle_core::Storage::Cpu(c) => c.clone(),
+        _ => candle_core::bail!("{op}: expected CPU storage"),
+    };
+    Ok((storage, shape))
+}
+
+/// `x · Wᵀ + b` with a frozen weight: the backward returns `dy · W` and nothing for W or b.
+pub(crate) struct FrozenLinear {
+    pub weight_t: Tensor,
+    pub bias: Tensor,
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        via_tensor(s, l, self.name(), |x| {
+            x.matmul(&self.weight_t)?.broadcast_add(&self.bias)
+        })
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        // dy [N, out] · W [out, in]; weight_t is [in, out], so W = weight_tᵀ.
+        Ok(Some(grad.matmul(&self.weight_t.t()?)?))
+    }
+}
+
+/// Softmax over the last dimension; backward `y ⊙ (dy − Σ dy ⊙ y)`.
+pub(crate) struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "softmax-with-backward"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        via_tensor(s, l, self.name(), candle_nn::ops::softmax_last_dim)
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let dot = (grad * res)?.sum_keepdim(D::Minus1)?;
+        Ok(Some((res * grad.broadcast_sub(&dot)?)?))
+    }
+}
+
+/// LayerNorm over the last dimension with frozen scale and shift.
+pub(crate) struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f32,
+}
+
+impl CustomOp1 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "layer-norm-with-backward"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        via_tensor(s, l, self.name(), |x| {
+            candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+        })
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let g = grad.broadcast_mul(&self.weight)?.contiguous()?;
+        Ok(Some(arg.contiguous()?.apply_op2_no_bwd(
+            &g,
+            &LayerNormGrad { eps: self.eps },
+        )?))
+    }
+}
+
+/// `dx` of LayerNorm given `x` and `g = dy ⊙ γ`, row by row:
+/// `dx = (g − mean(g) − x̂ · mean(g ⊙ x̂)) / σ`.
+struct LayerNormGrad {
+    eps: f32,
+}
+
+impl CustomOp2 for LayerNormGrad {
+    fn name(&self) -> &'static str {
+        "layer-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(xs, xl, self.name())?;
+        let g = f32_slice(gs, gl, self.name())?;
+        let n = xl.dims().last().copied().unwrap_or(1);
+        let mut dx = vec![0f32; x.len()];
+        for ((xr, gr), dr) in x.chunks_exact(n).zip(g.chunks_exact(n)).zip(dx.chunks_exact_mut(n)) {
+            let mean = xr.iter().sum::<f32>() / n as f32;
+            let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n as f32;
+            let inv = 1.0 / (var + self.eps).sqrt();
+            let (mut g_mean, mut gx_mean) = (0f32, 0f32);
+            for (xv, gv) in xr.iter().zip(gr) {
+                g_mean += gv;
+                gx_mean += gv * (xv - mean) * inv;
+            }
+            g_mean /= n as f32;
+            gx_mean /= n as f32;
+            for ((d, xv), gv) in dr.iter_mut().zip(xr).zip(gr) {
+                *d = (gv - g_mean - (xv - mean) * inv * gx_mean) * inv;
+            }
+        }
+        Ok((CpuStorage::F32(dx), xl.shape().clone()))
+    }
+}
+
+/// Inverted dropout with its own seeded generator, so a training run is reproducible.
+pub struct Dropout {
+    p: f32,
+    rng: StdRng,
+}
+
+impl Dropout {
+    pub fn new(p: f32, seed: u64) -> Self {
+        Self {
+            p,
+            rng: StdRng::seed_from_u64(seed),
+        }
+    }
+
+    pub fn apply(&mut self, x: &Tensor) -> Result<Tensor> {
+        if self.p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 - self.p;
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| {
+                if self.rng.random::<f32>() < keep {
+                    1.0 / keep
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
+        x.mul(&mask)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Central differences of `f` at `x`, one coordinate at a time.
+    fn numeric_grad(x: &[f32], shape: &[usize], f: impl Fn(&Tensor) -> f32) -> Vec<f32> {
+        let h = 1e-2;
+        (0..x.len())
+            .map(|i| {
+                let mut a = x.to_vec();
+                let mut b = x.to_vec();
+                a[i] += h;
+                b[i] -= h;
+                let ta = Tensor::from_vec(a, shape, &Device::Cpu).unwrap();
+                let tb = Tensor::from_vec(b, shape, &Device::Cpu).unwrap();
+                (f(&ta) - f(&tb)) / (2.0 * h)
+            })
+            .collect()
+    }
+
+    fn check(op_name: &str, apply: impl Fn(&Tensor) -> Tensor) {
+        let shape = [3usize, 5];
+        let x: Vec<f32> = (0..15).map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0).collect();
+        // A fixed random-ish weighting makes the loss sensitive to every output.
+        let w: Vec<f32> = (0..15).map(|i| ((i * 5 % 7) as f32 - 3.0) / 2.0).collect();
+        let w = Tensor::from_vec(w, &shape, &Device::Cpu).unwrap();
+        let loss = |t: &Tensor| apply(t).mul(&w).unwrap().sum_all().unwrap();
+        let var = Var::from_tensor(&Tensor::from_vec(x.clone(), &shape, &Device::Cpu).unwrap()).unwrap();
+        let grads = loss(var.as_tensor()).backward().unwrap();
+        let got: Vec<f32> = grads.get(&var).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let want = numeric_grad(&x, &shape, |t| loss(t).to_scalar::<f32>().unwrap());
+        for (g, n) in got.iter().zip(&want) {
+            assert!((g - n).abs() < 2e-2 * (1.0 + n.abs()), "{op_name}: analytic {got:?} vs numeric {want:?}");
+        }
+    }
+
+    #[test]
+    fn custom_ops_have_correct_gradients() {
+        let dev = Device::Cpu;
+        let wt = Tensor::from_vec((0..20).map(|i| (i as f32 - 10.0) / 10.0).collect::<Vec<_>>(), (5, 4), &dev).unwrap();
+        let b = Tensor::from_vec(vec![0.1f32, -0.2, 0.3, 0.0], 4, &dev).unwrap();
+        // FrozenLinear maps [3,5] → [3,4]; pad the loss weighting by summing a projection back.
+        let back = Tensor::from_vec((0..20).map(|i| ((i * 3 % 5) as f32 - 2.0) / 4.0).collect::<Vec<_>>(), (4, 5), &dev).unwrap();
+        check("frozen-linear", |x| {
+            x.apply_op1(FrozenLinear { weight_t: wt.clone(), bias: b.clone() }).unwrap().matmul(&back).unwrap()
+        });
+        check("softmax", |x| x.apply_op1(Softmax).unwrap());
+        let gamma = Tensor::from_vec(vec![1.0f32, 0.5, -1.0, 2.0, 1.5], 5, &dev).unwrap();
+        let beta = Tensor::from_vec(vec![0.0f32, 0.1, 0.2, 0.3, 0.4], 5, &dev).unwrap();
+        check("layer-norm", |x| {
+            x.apply_op1(LayerNorm { weight: gamma.clone(), bias: beta.clone(), eps: 1e-5 }).unwrap()
+        });
+    }
+
+    #[test]
+    fn custom_forwards_equal_the_inference_kernels() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (4, 6), &dev).unwrap();
+        let a = x.apply_op1(Softmax).unwrap();
+        let b = candle_nn::ops::softmax_last_dim(&x).unwrap();
+        assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
+    }
+}
