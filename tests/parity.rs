@@ -130,3 +130,31 @@ fn label_names_and_scores_follow_the_problem_type() {
     let want = prefixd::engine::softmax(&c.logits);
     assert!(max_abs_diff(&p.scores, &want) < 1e-5);
 }
+
+#[test]
+fn cpu_kernels_agree_with_the_candle_reference_path() {
+    // The CPU path (fused kernels) and candle's op-by-op path, on one mixed batch of all cases.
+    let tasks: Vec<Task> = CASES.iter().map(|c| load(c)).collect();
+    let all: Vec<(usize, Case)> = CASES
+        .iter()
+        .enumerate()
+        .flat_map(|(t, c)| cases(c).into_iter().map(move |x| (t, x)))
+        .collect();
+    let rows: Vec<prefixd::model::EncoderRow> = all
+        .iter()
+        .map(|(t, c)| prefixd::model::EncoderRow {
+            input_ids: &c.input_ids,
+            type_ids: &c.token_type_ids,
+            prefix: &tasks[*t].prefix,
+        })
+        .collect();
+    let model = engine().model();
+    let fast = model.pooled(&rows).unwrap();
+    let reference = model.pooled_reference(&rows).unwrap();
+    let worst = fast
+        .iter()
+        .zip(&reference)
+        .map(|(a, b)| max_abs_diff(a, b))
+        .fold(0.0, f32::max);
+    assert!(worst < 1e-5, "pooled vectors differ by {worst:e}");
+}

@@ -182,7 +182,10 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
 
 /// `dir/name.safetensors` → `dir/name.metrics.json`.
 pub fn metrics_path(output: &std::path::Path) -> PathBuf {
-    let stem = output.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let stem = output
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     output.with_file_name(format!("{stem}.metrics.json"))
 }
 

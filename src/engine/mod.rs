@@ -112,7 +112,7 @@ impl Engine {
                 prefix: &r.task.prefix,
             })
             .collect();
-        let pooled = self.model.pooled_vecs(&encoder_rows)?;
+        let pooled = self.model.pooled(&encoder_rows)?;
         Ok(rows
             .iter()
             .zip(pooled)

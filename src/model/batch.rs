@@ -16,7 +16,22 @@ pub struct EncoderRow<'a> {
     pub prefix: &'a PrefixKv,
 }
 
-/// The padded token side of a batch. `S` is the longest row, `Pmax` the longest prefix.
+/// The padded token side of a batch in host memory. `S` is the longest row, `Pmax` the longest
+/// prefix.
+pub(crate) struct HostBatch {
+    pub rows: usize,
+    pub seq_len: usize,
+    pub p_max: usize,
+    /// `[B·S]`.
+    pub ids: Vec<u32>,
+    pub types: Vec<u32>,
+    pub positions: Vec<u32>,
+    /// `[B, Pmax + S]` additive key mask: 0 where attended, −∞ for padded prefix slots and
+    /// padded tokens.
+    pub mask: Vec<f32>,
+}
+
+/// The same, as tensors for the candle path.
 pub(crate) struct TokenBatch {
     pub rows: usize,
     pub seq_len: usize,
@@ -38,8 +53,22 @@ pub(crate) struct Dims {
 }
 
 impl TokenBatch {
+    pub fn new(h: &HostBatch, device: &Device) -> Result<Self> {
+        let (b, s) = (h.rows, h.seq_len);
+        Ok(Self {
+            rows: b,
+            seq_len: s,
+            input_ids: Tensor::from_slice(&h.ids, b * s, device)?,
+            type_ids: Tensor::from_slice(&h.types, b * s, device)?,
+            position_ids: Tensor::from_slice(&h.positions, b * s, device)?,
+            key_mask: Tensor::from_slice(&h.mask, (b, 1, 1, h.p_max + s), device)?,
+        })
+    }
+}
+
+impl HostBatch {
     /// `rows`: (token ids, type ids, the row's prefix length P).
-    pub fn build(rows: &[(&[u32], &[u32], usize)], dims: &Dims, device: &Device) -> Result<Self> {
+    pub fn build(rows: &[(&[u32], &[u32], usize)], dims: &Dims) -> Result<Self> {
         if rows.is_empty() {
             return Err(ModelError::Batch("a batch needs at least one row".into()));
         }
@@ -81,17 +110,18 @@ impl TokenBatch {
         Ok(Self {
             rows: b,
             seq_len: s,
-            input_ids: Tensor::from_vec(ids, b * s, device)?,
-            type_ids: Tensor::from_vec(types, b * s, device)?,
-            position_ids: Tensor::from_vec(positions, b * s, device)?,
-            key_mask: Tensor::from_vec(mask, (b, 1, 1, t), device)?,
+            p_max,
+            ids,
+            types,
+            positions,
+            mask,
         })
     }
 }
 
 /// Every row's prefix keys/values, right-aligned in `Pmax` slots (the mask hides the rest):
-/// `[L, 2, B, H, Pmax, D]`, so `.get(l)` is one layer's contiguous `[2, B, H, Pmax, D]`.
-pub(crate) fn gather_prefixes(rows: &[EncoderRow<'_>], dims: &Dims, device: &Device) -> Result<Tensor> {
+/// `[L, 2, B, H, Pmax, D]`, so layer `l` is one contiguous `[2, B, H, Pmax, D]` block.
+pub(crate) fn gather_prefixes(rows: &[EncoderRow<'_>], dims: &Dims) -> Result<Vec<f32>> {
     let (layers, heads, head_dim) = (dims.layers, dims.heads, dims.head_dim);
     for (i, r) in rows.iter().enumerate() {
         if (r.prefix.layers(), r.prefix.heads(), r.prefix.head_dim()) != (layers, heads, head_dim) {
@@ -104,7 +134,11 @@ pub(crate) fn gather_prefixes(rows: &[EncoderRow<'_>], dims: &Dims, device: &Dev
         }
     }
     let b = rows.len();
-    let p_max = rows.iter().map(|r| r.prefix.num_virtual_tokens()).max().unwrap_or(0);
+    let p_max = rows
+        .iter()
+        .map(|r| r.prefix.num_virtual_tokens())
+        .max()
+        .unwrap_or(0);
     let block = p_max * head_dim;
     let mut kv = vec![0f32; layers * 2 * b * heads * block];
     for l in 0..layers {
@@ -118,5 +152,5 @@ pub(crate) fn gather_prefixes(rows: &[EncoderRow<'_>], dims: &Dims, device: &Dev
             }
         }
     }
-    Ok(Tensor::from_vec(kv, (layers, 2, b, heads, p_max, head_dim), device)?)
+    Ok(kv)
 }

@@ -16,7 +16,8 @@
 use candle_core::{DType, Device, IndexOp, Tensor};
 use std::path::Path;
 
-use super::batch::{gather_prefixes, Dims, EncoderRow, TokenBatch};
+use super::batch::{gather_prefixes, Dims, EncoderRow, HostBatch, TokenBatch};
+use super::cpu;
 use super::train_ops::{self, Dropout};
 use super::weights::{self, Weights};
 use super::{Activation, BertConfig, ModelError, ModelInfo, Result};
@@ -59,6 +60,16 @@ impl Linear {
         })
     }
 
+    fn to_host(&self) -> Result<cpu::Dense> {
+        let (inp, out) = self.weight_t.dims2()?;
+        Ok(cpu::Dense {
+            w: self.weight_t.flatten_all()?.to_vec1()?,
+            b: self.bias.to_vec1()?,
+            inp,
+            out,
+        })
+    }
+
     fn forward(&self, x: &Tensor, mode: &Mode<'_>) -> Result<Tensor> {
         Ok(match mode {
             None => x.matmul(&self.weight_t)?.broadcast_add(&self.bias)?,
@@ -88,6 +99,14 @@ impl LayerNorm {
             weight: w.get(&format!("{prefix}.{wn}"), &[size])?,
             bias: w.get(&format!("{prefix}.{bn}"), &[size])?,
             eps: eps as f32,
+        })
+    }
+
+    fn to_host(&self) -> Result<cpu::Norm> {
+        Ok(cpu::Norm {
+            g: self.weight.to_vec1()?,
+            b: self.bias.to_vec1()?,
+            eps: self.eps,
         })
     }
 
@@ -276,6 +295,8 @@ pub struct PrefixedBert {
     embeddings: BertEmbeddings,
     layers: Vec<BertLayer>,
     pooler: Linear,
+    /// The same weights as host arrays for the CPU inference path (`None` on other devices).
+    host: Option<cpu::HostBert>,
     config: BertConfig,
     info: ModelInfo,
     device: Device,
@@ -290,13 +311,47 @@ impl PrefixedBert {
         let layers = (0..c.num_hidden_layers)
             .map(|i| BertLayer::load(w, i, c))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
+        let mut model = Self {
             embeddings: BertEmbeddings::load(w, c)?,
             layers,
             pooler: Linear::load(w, "pooler.dense", c.hidden_size, c.hidden_size)?,
+            host: None,
             config: ckpt.config.clone(),
             info: ckpt.info,
             device: device.clone(),
+        };
+        // The host path implements BERT's erf GELU only; other activations use candle's path.
+        if device.is_cpu() && c.activation() == Activation::GeluErf {
+            model.host = Some(model.host_weights()?);
+        }
+        Ok(model)
+    }
+
+    fn host_weights(&self) -> Result<cpu::HostBert> {
+        let e = &self.embeddings;
+        let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1()?) };
+        Ok(cpu::HostBert {
+            word: flat(&e.word_embeddings)?,
+            position: flat(&e.position_embeddings)?,
+            token_type: flat(&e.token_type_embeddings)?,
+            emb_norm: e.layer_norm.to_host()?,
+            layers: self
+                .layers
+                .iter()
+                .map(|l| {
+                    Ok(cpu::Layer {
+                        qkv: l.attention.qkv.to_host()?,
+                        attn_out: l.attention_output.dense.to_host()?,
+                        attn_norm: l.attention_output.layer_norm.to_host()?,
+                        inter: l.intermediate.to_host()?,
+                        out: l.output.dense.to_host()?,
+                        out_norm: l.output.layer_norm.to_host()?,
+                    })
+                })
+                .collect::<Result<_>>()?,
+            pooler: self.pooler.to_host()?,
+            hidden: self.config.hidden_size,
+            heads: self.config.num_attention_heads,
         })
     }
 
@@ -344,21 +399,54 @@ impl PrefixedBert {
 
     /// Runs the rows through the encoder and the pooler: `tanh(pooler(h[:, 0]))`, `[B, Hd]` F32.
     /// Each row's result depends only on its own tokens and prefix, never on the batch's padding.
-    pub fn pooled(&self, rows: &[EncoderRow<'_>]) -> Result<Tensor> {
+    /// Uses the CPU kernels (`cpu.rs`) when the model is on the CPU, candle's ops otherwise.
+    pub fn pooled(&self, rows: &[EncoderRow<'_>]) -> Result<Vec<Vec<f32>>> {
+        match &self.host {
+            Some(host) => {
+                let (batch, prefixes) = self.host_inputs(rows)?;
+                let hd = self.config.hidden_size;
+                Ok(host
+                    .pooled(&batch, &prefixes)
+                    .chunks_exact(hd)
+                    .map(<[f32]>::to_vec)
+                    .collect())
+            }
+            None => self.pooled_reference(rows),
+        }
+    }
+
+    /// The same computation through candle's tensor ops, on any device. On the CPU it is the
+    /// reference the fast path is tested against.
+    pub fn pooled_reference(&self, rows: &[EncoderRow<'_>]) -> Result<Vec<Vec<f32>>> {
+        let (batch, prefixes) = self.host_inputs(rows)?;
+        let inputs = TokenBatch::new(&batch, &self.device)?;
+        let c = &self.config;
+        let prefixes = Tensor::from_vec(
+            prefixes,
+            (
+                c.num_hidden_layers,
+                2,
+                batch.rows,
+                c.num_attention_heads,
+                batch.p_max,
+                c.head_dim(),
+            ),
+            &self.device,
+        )?;
+        let pooled = self.encode(&inputs, |l| Ok(prefixes.get(l)?), &mut None)?;
+        Ok(pooled.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+    }
+
+    fn host_inputs(&self, rows: &[EncoderRow<'_>]) -> Result<(HostBatch, Vec<f32>)> {
         let dims = self.dims();
         let tokens: Vec<(&[u32], &[u32], usize)> = rows
             .iter()
             .map(|r| (r.input_ids, r.type_ids, r.prefix.num_virtual_tokens()))
             .collect();
-        let inputs = TokenBatch::build(&tokens, &dims, &self.device)?;
-        let prefixes = gather_prefixes(rows, &dims, &self.device)?;
-        let pooled = self.encode(&inputs, |l| Ok(prefixes.get(l)?), &mut None)?;
-        Ok(pooled.to_dtype(DType::F32)?)
-    }
-
-    /// The pooled vectors as host rows.
-    pub fn pooled_vecs(&self, rows: &[EncoderRow<'_>]) -> Result<Vec<Vec<f32>>> {
-        Ok(self.pooled(rows)?.to_vec2::<f32>()?)
+        Ok((
+            HostBatch::build(&tokens, &dims)?,
+            gather_prefixes(rows, &dims)?,
+        ))
     }
 
     /// The training forward: rows of one task whose prefix is the (trainable) tensor
@@ -380,7 +468,7 @@ impl PrefixedBert {
             )));
         }
         let tokens: Vec<(&[u32], &[u32], usize)> = rows.iter().map(|r| (r.0, r.1, p)).collect();
-        let inputs = TokenBatch::build(&tokens, &dims, &self.device)?;
+        let inputs = TokenBatch::new(&HostBatch::build(&tokens, &dims)?, &self.device)?;
         let b = inputs.rows;
         // [P, L·2·Hd] → [L, 2, H, P, D]: the same permutation `PrefixKv` does at load.
         let kv = prompt_embeddings

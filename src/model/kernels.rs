@@ -19,7 +19,7 @@ fn round(x: f32) -> f32 {
 /// `e^r`, and `2^n` built in the exponent bits. (No `mul_add`: without FMA in the target it is a
 /// libm call.)
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(crate) fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.3, 88.7);
     let n = round(x * std::f32::consts::LOG2_E);
     let r = x - n * 0.693_359_4;
@@ -52,7 +52,7 @@ const SQRT_HALF: f32 = std::f32::consts::FRAC_1_SQRT_2;
 const INV_SQRT_2PI: f32 = 0.398_942_3;
 
 #[inline(always)]
-fn gelu(x: f32) -> f32 {
+pub(crate) fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * SQRT_HALF))
 }
 
@@ -90,7 +90,8 @@ macro_rules! elementwise {
                     if std::is_x86_feature_detected!("avx512f") {
                         return unsafe { avx512(src, dst) };
                     }
-                    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+                    {
                         return unsafe { avx2(src, dst) };
                     }
                 }
@@ -175,9 +176,16 @@ mod tests {
         for i in -2000..=2000 {
             let x = i as f32 * 0.01;
             let (e, want) = (exp(x), x.exp());
-            assert!(((e - want) / want).abs() < 5e-7, "exp({x}) = {e}, want {want}");
+            assert!(
+                ((e - want) / want).abs() < 5e-7,
+                "exp({x}) = {e}, want {want}"
+            );
             let want = libm_erf(x);
-            assert!((erf(x) - want).abs() < 5e-7, "erf({x}) = {}, want {want}", erf(x));
+            assert!(
+                (erf(x) - want).abs() < 5e-7,
+                "erf({x}) = {}, want {want}",
+                erf(x)
+            );
         }
     }
 
@@ -189,7 +197,12 @@ mod tests {
             return 0.0;
         }
         let z = x * std::f32::consts::SQRT_2;
-        let g = (t * std::f64::consts::SQRT_2).unwrap().gelu_erf().unwrap().to_vec1::<f32>().unwrap()[0];
+        let g = (t * std::f64::consts::SQRT_2)
+            .unwrap()
+            .gelu_erf()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0];
         2.0 * g / z - 1.0
     }
 

@@ -6,6 +6,7 @@
 mod batch;
 mod bert;
 mod config;
+mod cpu;
 mod kernels;
 mod prefix_kv;
 mod train_ops;

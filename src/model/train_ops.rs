@@ -101,10 +101,10 @@ impl CustomOp1 for LayerNorm {
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let g = grad.broadcast_mul(&self.weight)?.contiguous()?;
-        Ok(Some(arg.contiguous()?.apply_op2_no_bwd(
-            &g,
-            &LayerNormGrad { eps: self.eps },
-        )?))
+        Ok(Some(
+            arg.contiguous()?
+                .apply_op2_no_bwd(&g, &LayerNormGrad { eps: self.eps })?,
+        ))
     }
 }
 
@@ -130,7 +130,11 @@ impl CustomOp2 for LayerNormGrad {
         let g = f32_slice(gs, gl, self.name())?;
         let n = xl.dims().last().copied().unwrap_or(1);
         let mut dx = vec![0f32; x.len()];
-        for ((xr, gr), dr) in x.chunks_exact(n).zip(g.chunks_exact(n)).zip(dx.chunks_exact_mut(n)) {
+        for ((xr, gr), dr) in x
+            .chunks_exact(n)
+            .zip(g.chunks_exact(n))
+            .zip(dx.chunks_exact_mut(n))
+        {
             let mean = xr.iter().sum::<f32>() / n as f32;
             let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n as f32;
             let inv = 1.0 / (var + self.eps).sqrt();
@@ -210,30 +214,65 @@ mod tests {
         let w: Vec<f32> = (0..15).map(|i| ((i * 5 % 7) as f32 - 3.0) / 2.0).collect();
         let w = Tensor::from_vec(w, &shape, &Device::Cpu).unwrap();
         let loss = |t: &Tensor| apply(t).mul(&w).unwrap().sum_all().unwrap();
-        let var = Var::from_tensor(&Tensor::from_vec(x.clone(), &shape, &Device::Cpu).unwrap()).unwrap();
+        let var =
+            Var::from_tensor(&Tensor::from_vec(x.clone(), &shape, &Device::Cpu).unwrap()).unwrap();
         let grads = loss(var.as_tensor()).backward().unwrap();
-        let got: Vec<f32> = grads.get(&var).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let got: Vec<f32> = grads
+            .get(&var)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let want = numeric_grad(&x, &shape, |t| loss(t).to_scalar::<f32>().unwrap());
         for (g, n) in got.iter().zip(&want) {
-            assert!((g - n).abs() < 2e-2 * (1.0 + n.abs()), "{op_name}: analytic {got:?} vs numeric {want:?}");
+            assert!(
+                (g - n).abs() < 2e-2 * (1.0 + n.abs()),
+                "{op_name}: analytic {got:?} vs numeric {want:?}"
+            );
         }
     }
 
     #[test]
     fn custom_ops_have_correct_gradients() {
         let dev = Device::Cpu;
-        let wt = Tensor::from_vec((0..20).map(|i| (i as f32 - 10.0) / 10.0).collect::<Vec<_>>(), (5, 4), &dev).unwrap();
+        let wt = Tensor::from_vec(
+            (0..20)
+                .map(|i| (i as f32 - 10.0) / 10.0)
+                .collect::<Vec<_>>(),
+            (5, 4),
+            &dev,
+        )
+        .unwrap();
         let b = Tensor::from_vec(vec![0.1f32, -0.2, 0.3, 0.0], 4, &dev).unwrap();
         // FrozenLinear maps [3,5] → [3,4]; pad the loss weighting by summing a projection back.
-        let back = Tensor::from_vec((0..20).map(|i| ((i * 3 % 5) as f32 - 2.0) / 4.0).collect::<Vec<_>>(), (4, 5), &dev).unwrap();
+        let back = Tensor::from_vec(
+            (0..20)
+                .map(|i| ((i * 3 % 5) as f32 - 2.0) / 4.0)
+                .collect::<Vec<_>>(),
+            (4, 5),
+            &dev,
+        )
+        .unwrap();
         check("frozen-linear", |x| {
-            x.apply_op1(FrozenLinear { weight_t: wt.clone(), bias: b.clone() }).unwrap().matmul(&back).unwrap()
+            x.apply_op1(FrozenLinear {
+                weight_t: wt.clone(),
+                bias: b.clone(),
+            })
+            .unwrap()
+            .matmul(&back)
+            .unwrap()
         });
         check("softmax", |x| x.apply_op1(Softmax).unwrap());
         let gamma = Tensor::from_vec(vec![1.0f32, 0.5, -1.0, 2.0, 1.5], 5, &dev).unwrap();
         let beta = Tensor::from_vec(vec![0.0f32, 0.1, 0.2, 0.3, 0.4], 5, &dev).unwrap();
         check("layer-norm", |x| {
-            x.apply_op1(LayerNorm { weight: gamma.clone(), bias: beta.clone(), eps: 1e-5 }).unwrap()
+            x.apply_op1(LayerNorm {
+                weight: gamma.clone(),
+                bias: beta.clone(),
+                eps: 1e-5,
+            })
+            .unwrap()
         });
     }
 

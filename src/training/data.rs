@@ -119,7 +119,8 @@ fn read_rows(
                     Some(Value::Number(x)) => Some(x.to_string()),
                     _ => None,
                 };
-                let text = field(&tc).or_else(|| cols.text.is_none().then(|| field("sentence")).flatten());
+                let text =
+                    field(&tc).or_else(|| cols.text.is_none().then(|| field("sentence")).flatten());
                 match (text, field(&lc)) {
                     (Some(text), Some(label)) => rows.push(RawRow {
                         line: n,
@@ -165,15 +166,22 @@ fn read_rows(
                     .ok_or_else(|| file_err(format!("no text column (sentence, text, sentence1) in header {header:?}; use --text-column")))?,
             };
             let pair_col = match &cols.text_pair {
-                Some(c) => Some(find(c).ok_or_else(|| file_err(format!("no column {c:?} in header {header:?}")))?),
+                Some(c) => Some(
+                    find(c)
+                        .ok_or_else(|| file_err(format!("no column {c:?} in header {header:?}")))?,
+                ),
                 None if header[text_col] == "sentence1" => find("sentence2"),
                 None => None,
             };
             let lc = cols.label.clone().unwrap_or_else(|| "label".into());
-            let label_col = find(&lc).ok_or_else(|| file_err(format!("no label column {lc:?} in header {header:?}")))?;
+            let label_col = find(&lc)
+                .ok_or_else(|| file_err(format!("no label column {lc:?} in header {header:?}")))?;
             for (n, fields) in body {
                 if fields.len() != header.len() {
-                    bad.push((*n, format!("{} fields, the header has {}", fields.len(), header.len())));
+                    bad.push((
+                        *n,
+                        format!("{} fields, the header has {}", fields.len(), header.len()),
+                    ));
                     continue;
                 }
                 rows.push(RawRow {
@@ -199,7 +207,12 @@ pub enum LabelSpec {
 
 /// Loads a dataset. With `skip_bad`, malformed rows are reported on stderr and skipped;
 /// otherwise any malformed row fails the load, listing the first ten by line number.
-pub fn load(path: &Path, cols: &Columns, spec: &LabelSpec, skip_bad: bool) -> Result<Dataset, DataError> {
+pub fn load(
+    path: &Path,
+    cols: &Columns,
+    spec: &LabelSpec,
+    skip_bad: bool,
+) -> Result<Dataset, DataError> {
     let mut bad = Vec::new();
     let rows = read_rows(path, cols, &mut bad)?;
     let labels = match spec {
@@ -208,7 +221,10 @@ pub fn load(path: &Path, cols: &Columns, spec: &LabelSpec, skip_bad: bool) -> Re
             let beside = path.parent().unwrap_or(Path::new(".")).join("labels.txt");
             if beside.is_file() {
                 std::fs::read_to_string(&beside)
-                    .map_err(|source| DataError::Io { path: beside.clone(), source })?
+                    .map_err(|source| DataError::Io {
+                        path: beside.clone(),
+                        source,
+                    })?
                     .lines()
                     .map(str::trim)
                     .filter(|l| !l.is_empty())
@@ -226,7 +242,10 @@ pub fn load(path: &Path, cols: &Columns, spec: &LabelSpec, skip_bad: bool) -> Re
         }
     };
     if labels.is_empty() {
-        return Err(DataError::File { path: path.to_path_buf(), message: "no labels found".into() });
+        return Err(DataError::File {
+            path: path.to_path_buf(),
+            message: "no labels found".into(),
+        });
     }
     let mut examples = Vec::with_capacity(rows.len());
     for r in rows {
@@ -237,21 +256,38 @@ pub fn load(path: &Path, cols: &Columns, spec: &LabelSpec, skip_bad: bool) -> Re
             .or_else(|| r.label.parse::<usize>().ok().filter(|&i| i < labels.len()));
         match id {
             Some(label) => examples.push(Example {
-                input: TextInput { text: r.text, text_pair: r.pair },
+                input: TextInput {
+                    text: r.text,
+                    text_pair: r.pair,
+                },
                 label,
                 line: r.line,
             }),
-            None => bad.push((r.line, format!("label {:?} is neither one of {labels:?} nor an index into them", r.label))),
+            None => bad.push((
+                r.line,
+                format!(
+                    "label {:?} is neither one of {labels:?} nor an index into them",
+                    r.label
+                ),
+            )),
         }
     }
     if !bad.is_empty() {
         bad.sort();
-        let lines: Vec<String> = bad.iter().map(|(n, m)| format!("  line {n}: {m}")).collect();
+        let lines: Vec<String> = bad
+            .iter()
+            .map(|(n, m)| format!("  line {n}: {m}"))
+            .collect();
         if !skip_bad {
             return Err(DataError::Rows {
                 path: path.to_path_buf(),
                 count: bad.len(),
-                lines: lines.iter().take(10).cloned().collect::<Vec<_>>().join("\n"),
+                lines: lines
+                    .iter()
+                    .take(10)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("\n"),
             });
         }
         for l in &lines {
@@ -259,7 +295,14 @@ pub fn load(path: &Path, cols: &Columns, spec: &LabelSpec, skip_bad: bool) -> Re
         }
     }
     if examples.is_empty() {
-        return Err(DataError::File { path: path.to_path_buf(), message: "no usable examples".into() });
+        return Err(DataError::File {
+            path: path.to_path_buf(),
+            message: "no usable examples".into(),
+        });
     }
-    Ok(Dataset { path: path.to_path_buf(), examples, labels })
+    Ok(Dataset {
+        path: path.to_path_buf(),
+        examples,
+        labels,
+    })
 }

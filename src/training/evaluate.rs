@@ -45,8 +45,16 @@ impl EvalReport {
                 let tp = confusion[k][k] as f64;
                 let predicted: usize = (0..c).map(|i| confusion[i][k]).sum();
                 let support: usize = confusion[k].iter().sum();
-                let precision = if predicted > 0 { tp / predicted as f64 } else { 0.0 };
-                let recall = if support > 0 { tp / support as f64 } else { 0.0 };
+                let precision = if predicted > 0 {
+                    tp / predicted as f64
+                } else {
+                    0.0
+                };
+                let recall = if support > 0 {
+                    tp / support as f64
+                } else {
+                    0.0
+                };
                 let f1 = if precision + recall > 0.0 {
                     2.0 * precision * recall / (precision + recall)
                 } else {
@@ -77,7 +85,13 @@ impl EvalReport {
             "examples {}  accuracy {:.4}  macro-F1 {:.4}  loss {:.4}\n",
             self.examples, self.accuracy, self.macro_f1, self.loss
         );
-        let w = self.per_class.iter().map(|r| r.label.len()).max().unwrap_or(5).max(5);
+        let w = self
+            .per_class
+            .iter()
+            .map(|r| r.label.len())
+            .max()
+            .unwrap_or(5)
+            .max(5);
         out += &format!("{:w$}  precision  recall     f1  support\n", "label");
         for r in &self.per_class {
             out += &format!(
@@ -120,7 +134,12 @@ mod tests {
         let labels = vec!["a".to_string(), "b".to_string()];
         // gold a,a,b,b ; predicted a,b,b,b
         let gold = [0, 0, 1, 1];
-        let scores = vec![vec![0.9, 0.1], vec![0.4, 0.6], vec![0.2, 0.8], vec![0.3, 0.7]];
+        let scores = vec![
+            vec![0.9, 0.1],
+            vec![0.4, 0.6],
+            vec![0.2, 0.8],
+            vec![0.3, 0.7],
+        ];
         let r = EvalReport::from_scores(&labels, &gold, &scores);
         assert_eq!(r.confusion, vec![vec![1, 1], vec![0, 2]]);
         assert!((r.accuracy - 0.75).abs() < 1e-12);

@@ -228,7 +228,14 @@ pub fn train(
 
     let mut init_rng = StdRng::seed_from_u64(cfg.seed.wrapping_add(2));
     let device = engine.model().device().clone();
-    let params = Params::init(&info, p, cfg.projection, train.labels.len(), &mut init_rng, &device)?;
+    let params = Params::init(
+        &info,
+        p,
+        cfg.projection,
+        train.labels.len(),
+        &mut init_rng,
+        &device,
+    )?;
     let adam = |wd: f64| ParamsAdamW {
         lr: cfg.lr,
         beta1: 0.9,
@@ -274,19 +281,28 @@ pub fn train(
         let epoch_start = Instant::now();
         let (mut loss_sum, mut seen) = (0f64, 0usize);
         for chunk in order.chunks(cfg.batch_size) {
-            let batch: Vec<(&Encoded, usize)> = chunk.iter().map(|&i| (&encoded[i].0, encoded[i].1)).collect();
+            let batch: Vec<(&Encoded, usize)> = chunk
+                .iter()
+                .map(|&i| (&encoded[i].0, encoded[i].1))
+                .collect();
             let loss = trainer.step(&batch, lr_at(cfg.lr, t, total, warmup))?;
             t += 1;
             loss_sum += loss * batch.len() as f64;
             seen += batch.len();
             let rate = seen as f64 / epoch_start.elapsed().as_secs_f64();
-            bar.set_message(format!("loss {:.4}  {rate:.1} ex/s", loss_sum / seen as f64));
+            bar.set_message(format!(
+                "loss {:.4}  {rate:.1} ex/s",
+                loss_sum / seen as f64
+            ));
             bar.inc(1);
         }
         bar.finish_and_clear();
         let seconds = epoch_start.elapsed().as_secs_f64();
         train_time += seconds;
-        let snapshot = trainer.snapshot(Source { kind: "train".into(), details: Default::default() })?;
+        let snapshot = trainer.snapshot(Source {
+            kind: "train".into(),
+            details: Default::default(),
+        })?;
         let eval_report = match eval {
             Some(ds) => {
                 let task = Task::from_file(&snapshot, &info, &snapshot.to_bytes()?)?;
@@ -304,7 +320,10 @@ pub fn train(
         let score = report.eval.as_ref().map_or(epoch as f64, |e| e.accuracy);
         if progress {
             let eval_text = report.eval.as_ref().map_or(String::new(), |e| {
-                format!("  eval accuracy {:.4}  macro-F1 {:.4}  loss {:.4}", e.accuracy, e.macro_f1, e.loss)
+                format!(
+                    "  eval accuracy {:.4}  macro-F1 {:.4}  loss {:.4}",
+                    e.accuracy, e.macro_f1, e.loss
+                )
             });
             eprintln!(
                 "epoch {epoch}: train loss {:.4}  {:.1} ex/s  {:.1} s{eval_text}",
@@ -351,7 +370,10 @@ fn provenance(report: &TrainReport) -> Source {
             serde_json::json!({"accuracy": e.accuracy, "macro_f1": e.macro_f1, "loss": e.loss, "examples": e.examples}),
         );
     }
-    details.insert("prefix_projection".into(), report.settings.projection.is_some().into());
+    details.insert(
+        "prefix_projection".into(),
+        report.settings.projection.is_some().into(),
+    );
     details.insert("prefixd_version".into(), env!("CARGO_PKG_VERSION").into());
     Source {
         kind: "train".into(),
@@ -359,3 +381,70 @@ fn provenance(report: &TrainReport) -> Source {
     }
 }
 
+/// Gradient norms of one training batch, per prefix block and for the head: the check that the
+/// graph reaches every layer's prefix keys and values (an op without a backward on the way would
+/// leave a block at exactly zero).
+#[derive(Debug, Clone, Serialize)]
+pub struct GradientNorms {
+    /// `[layer][0 = keys, 1 = values]`.
+    pub prefix: Vec<[f64; 2]>,
+    pub head_weight: f64,
+    pub head_bias: f64,
+}
+
+pub fn gradient_norms(
+    engine: &Engine,
+    train: &Dataset,
+    cfg: &TrainConfig,
+) -> Result<GradientNorms> {
+    let info = engine.model_info().clone();
+    let device = engine.model().device().clone();
+    let p = cfg.virtual_tokens;
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let params = Params::init(&info, p, None, train.labels.len(), &mut rng, &device)?;
+    let batch: Vec<(Encoded, usize)> = train
+        .examples
+        .iter()
+        .take(cfg.batch_size)
+        .map(|e| Ok((engine.text_encoder().encode(&e.input, p)?, e.label)))
+        .collect::<std::result::Result<_, crate::engine::EngineError>>()?;
+    let rows: Vec<(&[u32], &[u32])> = batch
+        .iter()
+        .map(|(e, _)| (e.ids.as_slice(), e.type_ids.as_slice()))
+        .collect();
+    let targets: Vec<u32> = batch.iter().map(|(_, y)| *y as u32).collect();
+    let targets = candle_core::Tensor::from_vec(targets, batch.len(), &device)?;
+    let mut dropout = Dropout::new(0.0, 0);
+    let pooled = engine
+        .model()
+        .pooled_train(&rows, &params.prompt_embeddings()?, &mut dropout)?;
+    let loss = candle_nn::loss::cross_entropy(&params.head(&pooled)?, &targets)?;
+    let grads = loss.backward()?;
+    let norm = |t: Option<&candle_core::Tensor>| -> Result<f64> {
+        Ok(match t {
+            Some(g) => (g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64).sqrt(),
+            None => 0.0,
+        })
+    };
+    let params::PrefixParams::Direct { embedding } = &params.prefix else {
+        unreachable!("initialised without projection")
+    };
+    let g = grads.get(embedding.as_tensor());
+    let hd = info.hidden;
+    let mut prefix = Vec::with_capacity(info.layers);
+    for l in 0..info.layers {
+        let block = |kv: usize| -> Result<f64> {
+            norm(
+                g.map(|g| g.narrow(1, (2 * l + kv) * hd, hd))
+                    .transpose()?
+                    .as_ref(),
+            )
+        };
+        prefix.push([block(0)?, block(1)?]);
+    }
+    Ok(GradientNorms {
+        prefix,
+        head_weight: norm(grads.get(params.head_weight.as_tensor()))?,
+        head_bias: norm(grads.get(params.head_bias.as_tensor()))?,
+    })
+}

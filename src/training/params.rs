@@ -48,7 +48,8 @@ impl Params {
     ) -> Result<Self> {
         let hd = model.hidden;
         let width = model.layers * 2 * hd;
-        let mut randn = |n: usize, std: f32| -> Vec<f32> { (0..n).map(|_| normal(rng) * std).collect() };
+        let mut randn =
+            |n: usize, std: f32| -> Vec<f32> { (0..n).map(|_| normal(rng) * std).collect() };
         let head_weight = var(randn(labels * hd, 0.02), &[labels, hd], device)?;
         let prefix = match projection {
             None => PrefixParams::Direct {
@@ -80,7 +81,13 @@ impl Params {
     pub fn prompt_embeddings(&self) -> Result<Tensor> {
         match &self.prefix {
             PrefixParams::Direct { embedding } => Ok(embedding.as_tensor().clone()),
-            PrefixParams::Projected { embedding, w1, b1, w2, b2 } => embedding
+            PrefixParams::Projected {
+                embedding,
+                w1,
+                b1,
+                w2,
+                b2,
+            } => embedding
                 .as_tensor()
                 .matmul(&w1.as_tensor().t()?)?
                 .broadcast_add(b1.as_tensor())?
@@ -103,9 +110,9 @@ impl Params {
         let mut v = vec![self.head_weight.clone()];
         match &self.prefix {
             PrefixParams::Direct { embedding } => v.push(embedding.clone()),
-            PrefixParams::Projected { embedding, w1, w2, .. } => {
-                v.extend([embedding.clone(), w1.clone(), w2.clone()])
-            }
+            PrefixParams::Projected {
+                embedding, w1, w2, ..
+            } => v.extend([embedding.clone(), w1.clone(), w2.clone()]),
         }
         v
     }
