@@ -12,12 +12,16 @@ data=${PREFIXD_DATA:-../shared/data}
 scripts/fetch-model >/dev/null
 cargo build --release --quiet
 bin=target/release/prefixd
-work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
+# A fixed place for derived data, so the paths recorded in each file's provenance (and so the
+# files' bytes) do not change from run to run.
+work=target/prefix-training
+mkdir -p "$work"
 
 train() { # name train-file eval-file [extra train flags...]
   local name=$1 train=$2 eval=$3; shift 3
-  /usr/bin/env time -f "%e" -o "$work/$name.seconds" \
-    $bin train --train "$train" --eval "$eval" --task "$name" -o "prefixes/$name.safetensors" --quiet "$@"
+  local start; start=$(date +%s.%N)
+  $bin train --train "$train" --eval "$eval" --task "$name" -o "prefixes/$name.safetensors" --quiet "$@"
+  python3 -c "import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 1))" "$start" "$(date +%s.%N)" > "$work/$name.seconds"
   $bin eval --prefix "prefixes/$name.safetensors" --data "$eval" --json > "prefixes/$name.eval.json"
   echo "$name: $(cat "$work/$name.seconds") s wall, accuracy $(python3 -c "import json,sys; print(round(json.load(open(sys.argv[1]))['accuracy'], 4))" "prefixes/$name.eval.json")"
 }

@@ -35,6 +35,9 @@ pub struct BenchArgs {
     /// Measure the latency of one short request (tokenize + forward + argmax) instead.
     #[arg(long)]
     pub latency: bool,
+    /// Measure training steps instead (forward, backward, AdamW; one task, dropout on).
+    #[arg(long, conflicts_with = "latency")]
+    pub train: bool,
 }
 
 /// The sentence `torch_baseline.py --latency` uses (14 tokens with [CLS] and [SEP]).
@@ -126,6 +129,29 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     if args.latency {
         return latency(&engine, &tasks[0], &args);
+    }
+    if args.train {
+        let cfg = crate::training::TrainConfig {
+            virtual_tokens: args.prefix_len,
+            ..Default::default()
+        };
+        let steps = (args.seconds.max(1.0) * 2.0) as usize + 3;
+        let step = crate::training::bench_steps(&engine, args.batch, args.seq_len, &cfg, steps)?;
+        println!(
+            "{}",
+            json!({
+                "engine": "prefixd",
+                "mode": "train",
+                "batch": args.batch,
+                "seq_len": args.seq_len,
+                "prefix_len": args.prefix_len,
+                "threads": threads(),
+                "median_step_ms": step * 1e3,
+                "examples_per_s": args.batch as f64 / step,
+                "steps": steps,
+            })
+        );
+        return Ok(());
     }
     let vocab = engine.model().config().vocab_size as u32;
     let encoded: Vec<Encoded> = (0..args.batch)
