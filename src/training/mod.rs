@@ -452,13 +452,30 @@ pub fn gradient_norms(
 /// Training throughput on synthetic rows (`prefixd bench --train`): `batch` rows of `seq_len`
 /// random token ids, one optimizer step per call, as in a real run (dropout, clipping, AdamW).
 /// Returns the median seconds per step over `steps` timed steps after 2 warm-up steps.
-pub fn bench_steps(engine: &Engine, batch: usize, seq_len: usize, cfg: &TrainConfig, steps: usize) -> Result<f64> {
+pub fn bench_steps(
+    engine: &Engine,
+    batch: usize,
+    seq_len: usize,
+    cfg: &TrainConfig,
+    steps: usize,
+) -> Result<f64> {
     use rand::Rng;
     let info = engine.model_info().clone();
     let device = engine.model().device().clone();
     let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let params = Params::init(&info, cfg.virtual_tokens, cfg.projection, 2, &mut rng, &device)?;
-    let adam = |wd: f64| ParamsAdamW { lr: cfg.lr, weight_decay: wd, ..Default::default() };
+    let params = Params::init(
+        &info,
+        cfg.virtual_tokens,
+        cfg.projection,
+        2,
+        &mut rng,
+        &device,
+    )?;
+    let adam = |wd: f64| ParamsAdamW {
+        lr: cfg.lr,
+        weight_decay: wd,
+        ..Default::default()
+    };
     let mut trainer = Trainer {
         engine,
         cfg,
@@ -471,10 +488,18 @@ pub fn bench_steps(engine: &Engine, batch: usize, seq_len: usize, cfg: &TrainCon
     let vocab = engine.model().config().vocab_size as u32;
     let rows: Vec<(Encoded, usize)> = (0..batch)
         .map(|i| {
-            let mut ids: Vec<u32> = (0..seq_len).map(|_| rng.random_range(1000..vocab)).collect();
+            let mut ids: Vec<u32> = (0..seq_len)
+                .map(|_| rng.random_range(1000..vocab))
+                .collect();
             ids[0] = 101;
             ids[seq_len - 1] = 102;
-            (Encoded { type_ids: vec![0; seq_len], ids }, i % 2)
+            (
+                Encoded {
+                    type_ids: vec![0; seq_len],
+                    ids,
+                },
+                i % 2,
+            )
         })
         .collect();
     let refs: Vec<(&Encoded, usize)> = rows.iter().map(|(e, y)| (e, *y)).collect();
