@@ -49,6 +49,19 @@ pub struct BaseModel {
     pub fingerprint: Option<String>,
 }
 
+impl BaseModel {
+    /// The loaded model's shape and fingerprint.
+    pub fn of(model: &crate::model::ModelInfo) -> Self {
+        Self {
+            name: model.name.clone(),
+            layers: model.layers,
+            hidden: model.hidden,
+            heads: model.heads,
+            fingerprint: Some(model.fingerprint.clone()),
+        }
+    }
+}
+
 /// Where the prefix came from: `kind` is `peft_import` or `train`; the rest is free-form
 /// provenance (adapter path and PEFT version, or training settings and eval numbers).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

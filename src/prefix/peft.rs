@@ -182,13 +182,7 @@ pub fn import_bytes(
         labels,
         problem_type,
         num_virtual_tokens: p,
-        base_model: BaseModel {
-            name: model.name.clone(),
-            layers: model.layers,
-            hidden: model.hidden,
-            heads: model.heads,
-            fingerprint: Some(model.fingerprint.clone()),
-        },
+        base_model: BaseModel::of(model),
         source: Source {
             kind: "peft_import".into(),
             details,

@@ -33,12 +33,10 @@ pub fn random_prefix(
             labels: default_labels(labels),
             problem_type: Default::default(),
             num_virtual_tokens: p,
+            // No fingerprint: a random prefix fits any model of this shape.
             base_model: BaseModel {
-                name: model.name.clone(),
-                layers: model.layers,
-                hidden: model.hidden,
-                heads: model.heads,
                 fingerprint: None,
+                ..BaseModel::of(model)
             },
             source: Source {
                 kind: "synthetic".into(),

@@ -126,7 +126,26 @@ struct Trainer<'a> {
     dropout: Dropout,
 }
 
-impl Trainer<'_> {
+impl<'a> Trainer<'a> {
+    fn new(engine: &'a Engine, cfg: &'a TrainConfig, labels: Vec<String>, params: Params) -> Result<Self> {
+        let adam = |wd: f64| ParamsAdamW {
+            lr: cfg.lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: wd,
+        };
+        Ok(Self {
+            engine,
+            cfg,
+            labels,
+            decayed: AdamW::new(params.decayed(), adam(cfg.weight_decay))?,
+            not_decayed: AdamW::new(params.not_decayed(), adam(0.0))?,
+            params,
+            dropout: Dropout::new(cfg.dropout, cfg.seed.wrapping_add(1)),
+        })
+    }
+
     /// The current parameters as a native prefix file.
     fn snapshot(&self, source: Source) -> Result<PrefixFile> {
         let info = self.engine.model_info();
@@ -138,13 +157,7 @@ impl Trainer<'_> {
                 labels: self.labels.clone(),
                 problem_type: ProblemType::SingleLabel,
                 num_virtual_tokens: self.cfg.virtual_tokens,
-                base_model: BaseModel {
-                    name: info.name.clone(),
-                    layers: info.layers,
-                    hidden: info.hidden,
-                    heads: info.heads,
-                    fingerprint: Some(info.fingerprint.clone()),
-                },
+                base_model: BaseModel::of(info),
                 source,
             },
             prompt,
