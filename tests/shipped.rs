@@ -6,8 +6,12 @@ use common::{engine, repo_root};
 use prefixd::engine::TextInput;
 
 fn classify(task: &str, texts: &[&str]) -> Vec<String> {
-    let path = repo_root().join("prefixes").join(format!("{task}.safetensors"));
-    let task = engine().load_task(&path).expect("shipped prefix loads and validates");
+    let path = repo_root()
+        .join("prefixes")
+        .join(format!("{task}.safetensors"));
+    let task = engine()
+        .load_task(&path)
+        .expect("shipped prefix loads and validates");
     let inputs: Vec<TextInput> = texts.iter().map(|t| TextInput::single(*t)).collect();
     engine()
         .classify_texts(&task, &inputs, 8)
@@ -21,7 +25,10 @@ fn classify(task: &str, texts: &[&str]) -> Vec<String> {
 fn sst2_sentiment() {
     let got = classify(
         "sst2",
-        &["a gorgeous , witty and deeply moving film .", "dull , lifeless and badly acted ."],
+        &[
+            "a gorgeous , witty and deeply moving film .",
+            "dull , lifeless and badly acted .",
+        ],
     );
     assert_eq!(got, ["positive", "negative"]);
 }
@@ -30,7 +37,11 @@ fn sst2_sentiment() {
 fn trec_question_types() {
     let got = classify(
         "trec",
-        &["Who wrote Hamlet ?", "Where is the Eiffel Tower ?", "How many legs does a spider have ?"],
+        &[
+            "Who wrote Hamlet ?",
+            "Where is the Eiffel Tower ?",
+            "How many legs does a spider have ?",
+        ],
     );
     assert_eq!(got, ["HUM", "LOC", "NUM"]);
 }
@@ -54,8 +65,15 @@ fn every_shipped_file_is_a_valid_prefix_for_the_default_model() {
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "safetensors") {
-            let task = engine().load_task(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            assert_eq!(task.meta.source.kind, "train", "{}: trained by prefixd", path.display());
+            let task = engine()
+                .load_task(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert_eq!(
+                task.meta.source.kind,
+                "train",
+                "{}: trained by prefixd",
+                path.display()
+            );
             n += 1;
         }
     }

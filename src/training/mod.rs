@@ -127,7 +127,12 @@ struct Trainer<'a> {
 }
 
 impl<'a> Trainer<'a> {
-    fn new(engine: &'a Engine, cfg: &'a TrainConfig, labels: Vec<String>, params: Params) -> Result<Self> {
+    fn new(
+        engine: &'a Engine,
+        cfg: &'a TrainConfig,
+        labels: Vec<String>,
+        params: Params,
+    ) -> Result<Self> {
         let adam = |wd: f64| ParamsAdamW {
             lr: cfg.lr,
             beta1: 0.9,
@@ -249,22 +254,7 @@ pub fn train(
         &mut init_rng,
         &device,
     )?;
-    let adam = |wd: f64| ParamsAdamW {
-        lr: cfg.lr,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: wd,
-    };
-    let mut trainer = Trainer {
-        engine,
-        cfg,
-        labels: train.labels.clone(),
-        decayed: AdamW::new(params.decayed(), adam(cfg.weight_decay))?,
-        not_decayed: AdamW::new(params.not_decayed(), adam(0.0))?,
-        params,
-        dropout: Dropout::new(cfg.dropout, cfg.seed.wrapping_add(1)),
-    };
+    let mut trainer = Trainer::new(engine, cfg, train.labels.clone(), params)?;
 
     let steps_per_epoch = encoded.len().div_ceil(cfg.batch_size);
     let total = steps_per_epoch * cfg.epochs;
@@ -484,20 +474,7 @@ pub fn bench_steps(
         &mut rng,
         &device,
     )?;
-    let adam = |wd: f64| ParamsAdamW {
-        lr: cfg.lr,
-        weight_decay: wd,
-        ..Default::default()
-    };
-    let mut trainer = Trainer {
-        engine,
-        cfg,
-        labels: crate::prefix::default_labels(2),
-        decayed: AdamW::new(params.decayed(), adam(cfg.weight_decay))?,
-        not_decayed: AdamW::new(params.not_decayed(), adam(0.0))?,
-        params,
-        dropout: Dropout::new(cfg.dropout, cfg.seed),
-    };
+    let mut trainer = Trainer::new(engine, cfg, crate::prefix::default_labels(2), params)?;
     let vocab = engine.model().config().vocab_size as u32;
     let rows: Vec<(Encoded, usize)> = (0..batch)
         .map(|i| {
