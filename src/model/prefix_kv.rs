@@ -99,9 +99,4 @@ impl PrefixKv {
         let start = ((layer * 2 + kv) * self.heads + head) * len;
         &self.data[start..start + len]
     }
-
-    /// True when both handles share the same storage (the same loaded prefix).
-    pub fn same_as(&self, other: &PrefixKv) -> bool {
-        Arc::ptr_eq(&self.data, &other.data)
-    }
 }
