@@ -35,7 +35,7 @@ for task in "${@:-sst2 trec sms_spam rte}"; do
       trec) train trec "$data/trec/train.tsv" "$data/trec/test.tsv" ;;
       sms_spam) train sms_spam "$data/sms_spam/train.tsv" "$data/sms_spam/test.tsv" --epochs 2 ;;
       # Sentence pairs. See prefixes/README.md for why these settings.
-      rte) train rte "$data/rte/train.tsv" "$data/rte/dev.tsv" ${RTE_FLAGS:---epochs 3} ;;
+      rte) train rte "$data/rte/train.tsv" "$data/rte/dev.tsv" ${RTE_FLAGS:---lr 3e-2 --epochs 10 --warmup-ratio 0.1} ;;
       *) echo "unknown task $t" >&2; exit 1 ;;
     esac
   done

@@ -161,6 +161,14 @@ fn projection_trains_and_folds_away_and_peft_round_trip_keeps_logits() {
         ["negative", "positive"],
         "labels survive via prefixd.json"
     );
+    // The file remembers its training truncation, and inputs for the task are cut to it.
+    assert_eq!(file.meta.max_length, Some(32));
+    let long = TextInput::single("word ".repeat(200));
+    assert_eq!(
+        engine().text_encoder().encode_for(&long, &a).unwrap().len(),
+        32
+    );
+    assert_eq!(engine().text_encoder().encode(&long, 4).unwrap().len(), 128);
 }
 
 #[test]

@@ -129,10 +129,9 @@ impl Engine {
         inputs: &[TextInput],
         batch_size: usize,
     ) -> Result<Vec<Prediction>> {
-        let p = task.num_virtual_tokens();
         let encoded = inputs
             .iter()
-            .map(|i| self.text.encode(i, p))
+            .map(|i| self.text.encode_for(i, task))
             .collect::<Result<Vec<_>>>()?;
         let mut order: Vec<usize> = (0..encoded.len()).collect();
         order.sort_by_key(|&i| encoded[i].len());

@@ -91,6 +91,11 @@ impl TextEncoder {
             .min(self.inner.max_positions.saturating_sub(p))
     }
 
+    /// Encodes one input for `task`: its P, and the truncation length it was trained with.
+    pub fn encode_for(&self, input: &TextInput, task: &crate::prefix::Task) -> Result<Encoded> {
+        self.encode_capped(input, task.num_virtual_tokens(), task.meta.max_length)
+    }
+
     pub fn max_length(&self) -> usize {
         self.inner.max_length
     }
@@ -119,7 +124,11 @@ impl TextEncoder {
 
     /// Encodes one input for a task with `p` virtual tokens.
     pub fn encode(&self, input: &TextInput, p: usize) -> Result<Encoded> {
-        let limit = self.limit_for(p);
+        self.encode_capped(input, p, None)
+    }
+
+    fn encode_capped(&self, input: &TextInput, p: usize, cap: Option<usize>) -> Result<Encoded> {
+        let limit = cap.map_or(self.limit_for(p), |c| c.min(self.limit_for(p)));
         let special = if input.text_pair.is_some() { 3 } else { 2 };
         if limit < special {
             return Err(EngineError::Input(format!(

@@ -80,6 +80,11 @@ pub struct PrefixMeta {
     pub num_virtual_tokens: usize,
     pub base_model: BaseModel,
     pub source: Source,
+    /// The truncation length the prefix was trained with. Inputs for this task are truncated to
+    /// it (as well as to the engine's own limit), so serving sees what training saw. Absent for
+    /// imported PEFT adapters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_length: Option<usize>,
 }
 
 /// Label names PEFT would show when none were given: `LABEL_0`, `LABEL_1`, ….

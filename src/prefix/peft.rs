@@ -187,6 +187,7 @@ pub fn import_bytes(
             kind: "peft_import".into(),
             details,
         },
+        max_length: None,
     };
     let file = PrefixFile::new(meta, prompt, weight, bias)?;
     super::task::check_against_model(&file, model)?;

@@ -42,6 +42,7 @@ pub fn random_prefix(
                 kind: "synthetic".into(),
                 details: Default::default(),
             },
+            max_length: None,
         },
         HostTensor {
             shape: vec![p, width],

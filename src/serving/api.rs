@@ -289,11 +289,11 @@ async fn classify_inner(
     let inputs = parse_inputs(&req.inputs, limits.max_inputs, limits.max_text_chars)?;
 
     let text = state.text.clone();
-    let p = task.num_virtual_tokens();
+    let for_task = task.clone();
     let encoded = tokio::task::spawn_blocking(move || {
         inputs
             .iter()
-            .map(|i| text.encode(i, p))
+            .map(|i| text.encode_for(i, &for_task))
             .collect::<Result<Vec<_>, _>>()
     })
     .await

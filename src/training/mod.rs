@@ -164,6 +164,7 @@ impl<'a> Trainer<'a> {
                 num_virtual_tokens: self.cfg.virtual_tokens,
                 base_model: BaseModel::of(info),
                 source,
+                max_length: Some(self.cfg.max_length),
             },
             prompt,
             weight,
