@@ -129,8 +129,10 @@ pub(crate) struct Norm {
 dispatch! {
     fn norm_row(x: &mut [f32], add: &[f32], g: &[f32], b: &[f32], eps: f32) {
         let n = x.len();
-        for (x, a) in x.iter_mut().zip(add) {
-            *x += a;
+        if !add.is_empty() {
+            for (x, a) in x.iter_mut().zip(add) {
+                *x += a;
+            }
         }
         let mut acc = [0f32; LANES];
         for c in x.chunks_exact(LANES) {
@@ -155,23 +157,25 @@ dispatch! {
 }
 
 impl Norm {
-    /// `x = LayerNorm(x + add)`, row by row (`add` may be empty: plain LayerNorm).
+    /// `x = LayerNorm(x + add)`, row by row; an empty `add` means plain LayerNorm.
     pub fn residual(&self, x: &mut [f32], add: &[f32]) {
         let n = self.g.len();
-        let zeros;
-        let add = if add.is_empty() {
-            zeros = vec![0f32; x.len()];
-            &zeros[..]
-        } else {
-            add
-        };
-        x.par_chunks_mut(n * 16)
-            .zip(add.par_chunks(n * 16))
-            .for_each(|(xs, adds)| {
-                for (x, a) in xs.chunks_exact_mut(n).zip(adds.chunks_exact(n)) {
-                    norm_row(x, a, &self.g, &self.b, self.eps);
+        const ROWS: usize = 16;
+        if add.is_empty() {
+            x.par_chunks_mut(n * ROWS).for_each(|xs| {
+                for x in xs.chunks_exact_mut(n) {
+                    norm_row(x, &[], &self.g, &self.b, self.eps);
                 }
             });
+        } else {
+            x.par_chunks_mut(n * ROWS)
+                .zip(add.par_chunks(n * ROWS))
+                .for_each(|(xs, adds)| {
+                    for (x, a) in xs.chunks_exact_mut(n).zip(adds.chunks_exact(n)) {
+                        norm_row(x, a, &self.g, &self.b, self.eps);
+                    }
+                });
+        }
     }
 }
 

@@ -116,6 +116,27 @@ pub fn lr_at(lr: f64, t: usize, total: usize, warmup: usize) -> f64 {
     }
 }
 
+/// Mean cross-entropy of one batch through the training forward: prefix, frozen encoder with
+/// dropout, dropout on the pooled vector (as `BertForSequenceClassification` does), head.
+fn batch_loss(
+    engine: &Engine,
+    params: &Params,
+    dropout: &mut Dropout,
+    batch: &[(&Encoded, usize)],
+) -> Result<candle_core::Tensor> {
+    let rows: Vec<(&[u32], &[u32])> = batch
+        .iter()
+        .map(|(e, _)| (e.ids.as_slice(), e.type_ids.as_slice()))
+        .collect();
+    let targets: Vec<u32> = batch.iter().map(|(_, y)| *y as u32).collect();
+    let targets = candle_core::Tensor::from_vec(targets, batch.len(), engine.model().device())?;
+    let pooled = engine
+        .model()
+        .pooled_train(&rows, &params.prompt_embeddings()?, dropout)?;
+    let logits = params.head(&dropout.apply(&pooled)?)?;
+    Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
+}
+
 struct Trainer<'a> {
     engine: &'a Engine,
     cfg: &'a TrainConfig,
@@ -174,23 +195,8 @@ impl<'a> Trainer<'a> {
 
     /// One optimizer step on a batch; returns the batch's mean loss.
     fn step(&mut self, batch: &[(&Encoded, usize)], lr: f64) -> Result<f64> {
-        let rows: Vec<(&[u32], &[u32])> = batch
-            .iter()
-            .map(|(e, _)| (e.ids.as_slice(), e.type_ids.as_slice()))
-            .collect();
-        let targets: Vec<u32> = batch.iter().map(|(_, y)| *y as u32).collect();
-        let device = self.engine.model().device();
-        let targets = candle_core::Tensor::from_vec(targets, batch.len(), device)?;
-        let prefix = self.params.prompt_embeddings()?;
-        let pooled = self
-            .engine
-            .model()
-            .pooled_train(&rows, &prefix, &mut self.dropout)?;
-        // BertForSequenceClassification drops out the pooled vector before its classifier.
-        let logits = self.params.head(&self.dropout.apply(&pooled)?)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
-        let grads = loss.backward()?;
-        let mut grads = grads;
+        let loss = batch_loss(self.engine, &self.params, &mut self.dropout, batch)?;
+        let mut grads = loss.backward()?;
         if let Some(max) = self.cfg.max_grad_norm {
             let mut sq = 0f64;
             for v in self.params.all() {
@@ -412,17 +418,8 @@ pub fn gradient_norms(
         .take(cfg.batch_size)
         .map(|e| Ok((engine.text_encoder().encode(&e.input, p)?, e.label)))
         .collect::<std::result::Result<_, crate::engine::EngineError>>()?;
-    let rows: Vec<(&[u32], &[u32])> = batch
-        .iter()
-        .map(|(e, _)| (e.ids.as_slice(), e.type_ids.as_slice()))
-        .collect();
-    let targets: Vec<u32> = batch.iter().map(|(_, y)| *y as u32).collect();
-    let targets = candle_core::Tensor::from_vec(targets, batch.len(), &device)?;
-    let mut dropout = Dropout::new(0.0, 0);
-    let pooled = engine
-        .model()
-        .pooled_train(&rows, &params.prompt_embeddings()?, &mut dropout)?;
-    let loss = candle_nn::loss::cross_entropy(&params.head(&pooled)?, &targets)?;
+    let refs: Vec<(&Encoded, usize)> = batch.iter().map(|(e, y)| (e, *y)).collect();
+    let loss = batch_loss(engine, &params, &mut Dropout::new(0.0, 0), &refs)?;
     let grads = loss.backward()?;
     let norm = |t: Option<&candle_core::Tensor>| -> Result<f64> {
         Ok(match t {
