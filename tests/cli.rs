@@ -182,3 +182,49 @@ fn bench_prints_one_json_object() {
     }
     assert!(v["seq_per_s"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn classify_runs_mixed_task_batches_in_input_order() {
+    // Three PEFT adapters (P = 8, 20, 10) given at once; the input lines interleave their tasks,
+    // so every forward pass of 7 rows mixes tasks and prefix lengths.
+    let model = model_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("mixed.jsonl");
+    let mut want = Vec::new();
+    {
+        let mut f = std::fs::File::create(&input).unwrap();
+        let per: Vec<_> = common::CASES.iter().map(|c| (c, cases(c))).collect();
+        for i in 0..per.iter().map(|(_, cs)| cs.len()).max().unwrap() {
+            for (name, cs) in &per {
+                if let Some(c) = cs.get(i) {
+                    let mut line = serde_json::to_value(c.input()).unwrap();
+                    line["task"] = (**name).into();
+                    writeln!(f, "{line}").unwrap();
+                    want.push((name.to_string(), c.logits.clone()));
+                }
+            }
+        }
+    }
+    let mut args = vec!["classify".to_string(), "--model".into(), model.display().to_string()];
+    args.extend(["--max-length".into(), "128".into(), "--batch-size".into(), "7".into()]);
+    for c in common::CASES {
+        args.extend(["--prefix".into(), fixtures_dir().join(c).display().to_string()]);
+    }
+    args.extend(["--input".into(), input.display().to_string()]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = ok(prefixd(&refs));
+    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), want.len());
+    for ((task, logits), v) in want.iter().zip(&lines) {
+        assert_eq!(v["task"], task.as_str());
+        let got: Vec<f32> = serde_json::from_value(v["logits"].clone()).unwrap();
+        assert!(max_abs_diff(&got, logits) <= 1e-4, "{task}: {got:?} vs {logits:?}");
+    }
+
+    // A line without a task, or naming one not given, is refused with its line number.
+    std::fs::write(&input, "{\"text\": \"hello\", \"task\": \"nope\"}\n").unwrap();
+    let out = prefixd(&refs);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("input 1") && err.contains("\"nope\""), "{err}");
+}

@@ -26,6 +26,7 @@ fn logits(dir: &Path) -> Vec<Vec<f32>> {
     let engine = Engine::load(&EngineConfig {
         model_dir: dir.to_path_buf(),
         max_length: 128,
+        ..EngineConfig::new("")
     })
     .unwrap();
     let task = engine

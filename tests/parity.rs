@@ -158,3 +158,74 @@ fn cpu_kernels_agree_with_the_candle_reference_path() {
         .fold(0.0, f32::max);
     assert!(worst < 1e-5, "pooled vectors differ by {worst:e}");
 }
+
+/// All 60 fixture inputs of the three tasks (P = 8, 20, 10) as one interleaved batch of rows.
+fn mixed_rows<'a>(tasks: &'a [Task], all: &'a [(usize, Case)]) -> Vec<prefixd::model::EncoderRow<'a>> {
+    all.iter()
+        .map(|(t, c)| prefixd::model::EncoderRow {
+            input_ids: &c.input_ids,
+            type_ids: &c.token_type_ids,
+            prefix: &tasks[*t].prefix,
+        })
+        .collect()
+}
+
+fn all_cases() -> Vec<(usize, Case)> {
+    // Interleave the tasks so neighbouring rows use different prefixes of different lengths.
+    let per: Vec<Vec<Case>> = CASES.iter().map(|c| cases(c)).collect();
+    let n = per.iter().map(Vec::len).max().unwrap();
+    let mut out = Vec::new();
+    for i in 0..n {
+        for (t, cs) in per.iter().enumerate() {
+            if let Some(c) = cs.get(i) {
+                out.push((t, c.clone()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn fused_device_path_agrees_with_the_candle_reference_path() {
+    // The GPU's orchestration (per-task prefix tensors, split/softmax/LayerNorm as fused ops),
+    // here with each fused op composed of candle ops on the CPU.
+    let tasks: Vec<Task> = CASES.iter().map(|c| load(c)).collect();
+    let all = all_cases();
+    let rows = mixed_rows(&tasks, &all);
+    let model = engine().model();
+    let fused = model.pooled_fused(&rows).unwrap();
+    let reference = model.pooled_reference(&rows).unwrap();
+    let worst = fused
+        .iter()
+        .zip(&reference)
+        .map(|(a, b)| max_abs_diff(a, b))
+        .fold(0.0, f32::max);
+    assert!(worst < 1e-5, "pooled vectors differ by {worst:e}");
+}
+
+#[test]
+fn half_precision_stays_close_to_float32() {
+    // bf16 storage on the fused path (CPU-composed here): every logit near PEFT's, and the
+    // argmax kept on the fixture inputs whose top two logits are not near-ties.
+    let config = prefixd::engine::EngineConfig {
+        precision: prefixd::model::Precision::Bf16,
+        ..common::engine_config()
+    };
+    let half = prefixd::engine::Engine::load(&config).unwrap();
+    assert_eq!(half.model().dtype(), candle_core::DType::BF16);
+    for case in CASES {
+        let task = half.load_task(&fixtures_dir().join(case)).unwrap();
+        let cs = cases(case);
+        let inputs: Vec<_> = cs.iter().map(|c| c.input()).collect();
+        let preds = half.classify_texts(&task, &inputs, 32).unwrap();
+        for (c, p) in cs.iter().zip(&preds) {
+            let d = max_abs_diff(&p.logits, &c.logits);
+            assert!(d < 0.15, "{case}: bf16 logits {:?} vs PEFT {:?}", p.logits, c.logits);
+            let mut sorted = c.logits.clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            if sorted.len() > 1 && sorted[0] - sorted[1] > 0.3 {
+                assert_eq!(common::argmax(&p.logits), c.label, "{case}: {:?}", p.logits);
+            }
+        }
+    }
+}

@@ -64,6 +64,15 @@ fn timed(
     Ok(times)
 }
 
+/// Where and in what precision the engine ran, for every JSON line.
+fn placement(engine: &Engine) -> serde_json::Value {
+    let m = engine.model();
+    json!({
+        "device": crate::model::device::describe(m.device()),
+        "dtype": format!("{:?}", m.dtype()).to_ascii_lowercase(),
+    })
+}
+
 fn threads() -> usize {
     std::env::var("RAYON_NUM_THREADS")
         .ok()
@@ -99,6 +108,7 @@ fn latency(engine: &Engine, task: &Task, args: &BenchArgs) -> anyhow::Result<()>
             "p90_ms": pct(0.9),
             "p99_ms": pct(0.99),
             "calls": ms.len(),
+            "placement": placement(engine),
         })
     );
     Ok(())
@@ -149,6 +159,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 "median_step_ms": step * 1e3,
                 "examples_per_s": args.batch as f64 / step,
                 "steps": steps,
+                "placement": placement(&engine),
             })
         );
         return Ok(());
@@ -195,6 +206,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "seq_per_s": args.batch as f64 / median,
             "tokens_per_s": (args.batch * args.seq_len) as f64 / median,
             "calls": times.len(),
+            "placement": placement(&engine),
         })
     );
     Ok(())

@@ -55,7 +55,7 @@ pub fn import(args: ImportArgs) -> anyhow::Result<()> {
         bail!("{}: not a directory", args.adapter_dir.display());
     }
     // Only the model's shape and fingerprint are needed, but loading it also proves it is usable.
-    let model = PrefixedBert::load(&args.model.model, &crate::model::default_device())?;
+    let model = PrefixedBert::load(&args.model.model, &candle_core::Device::Cpu)?;
     let opts = ImportOptions {
         task: args.task,
         labels: args.labels,

@@ -44,6 +44,17 @@ pub enum Command {
     Synth(synth::SynthArgs),
 }
 
+/// Where and in what precision the model runs; shared by every command that runs it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DeviceArgs {
+    /// cpu, cuda, cuda:N, or auto (the GPU when this build has CUDA and one is present).
+    #[arg(long, env = "PREFIXD_DEVICE", default_value = "auto")]
+    pub device: crate::model::DeviceSpec,
+    /// The encoder's precision: f32, or bf16/f16 (opt-in, for GPUs; changes results slightly).
+    #[arg(long, env = "PREFIXD_DTYPE", default_value = "f32")]
+    pub dtype: crate::model::Precision,
+}
+
 /// The base model directory argument shared by every command that runs the model.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelArgs {
@@ -53,6 +64,8 @@ pub struct ModelArgs {
     /// Truncate inputs to this many tokens (also capped at max_position_embeddings − P).
     #[arg(long, env = "PREFIXD_MAX_LENGTH", default_value_t = 512)]
     pub max_length: usize,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 impl ModelArgs {
@@ -60,6 +73,8 @@ impl ModelArgs {
         crate::engine::EngineConfig {
             model_dir: self.model.clone(),
             max_length: self.max_length,
+            device: self.device.device,
+            precision: self.device.dtype,
         }
     }
 }

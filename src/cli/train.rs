@@ -103,6 +103,8 @@ pub struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub device: super::DeviceArgs,
 }
 
 pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
@@ -130,9 +132,16 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    anyhow::ensure!(
+        args.device.dtype == crate::model::Precision::F32,
+        "training runs in f32 (the prefix's gradients need it); drop --dtype {}",
+        args.device.dtype
+    );
     let engine = Engine::load(&EngineConfig {
         model_dir: args.model.clone(),
         max_length: args.max_length,
+        device: args.device.device,
+        precision: args.device.dtype,
     })?;
     let cfg = TrainConfig {
         task: args.task.clone(),

@@ -12,7 +12,7 @@ pub use tokenize::{Encoded, TextEncoder, TextInput};
 
 use std::path::{Path, PathBuf};
 
-use crate::model::{default_device, EncoderRow, ModelError, ModelInfo, PrefixedBert};
+use crate::model::{DeviceSpec, EncoderRow, ModelError, ModelInfo, Precision, PrefixedBert};
 use crate::prefix::{PrefixError, Task};
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +36,10 @@ pub struct EngineConfig {
     pub model_dir: PathBuf,
     /// Inputs are truncated to `min(max_length, max_position_embeddings − P)` tokens.
     pub max_length: usize,
+    /// Where the model runs.
+    pub device: DeviceSpec,
+    /// The encoder's precision (half precision is opt-in).
+    pub precision: Precision,
 }
 
 impl EngineConfig {
@@ -43,6 +47,8 @@ impl EngineConfig {
         Self {
             model_dir: model_dir.into(),
             max_length: 512,
+            device: DeviceSpec::Cpu,
+            precision: Precision::F32,
         }
     }
 }
@@ -61,7 +67,8 @@ pub struct Engine {
 
 impl Engine {
     pub fn load(config: &EngineConfig) -> Result<Self> {
-        let model = PrefixedBert::load(&config.model_dir, &default_device())?;
+        let device = config.device.open()?;
+        let model = PrefixedBert::load_as(&config.model_dir, &device, config.precision.dtype())?;
         let text = TextEncoder::from_file(
             &config.model_dir.join("tokenizer.json"),
             config.max_length,

@@ -119,9 +119,8 @@ impl HostBatch {
     }
 }
 
-/// Every row's prefix keys/values, right-aligned in `Pmax` slots (the mask hides the rest):
-/// `[L, 2, B, H, Pmax, D]`, so layer `l` is one contiguous `[2, B, H, Pmax, D]` block.
-pub(crate) fn gather_prefixes(rows: &[EncoderRow<'_>], dims: &Dims) -> Result<Vec<f32>> {
+/// Every row's prefix must be shaped for this model.
+pub(crate) fn gather_check(rows: &[EncoderRow<'_>], dims: &Dims) -> Result<()> {
     let (layers, heads, head_dim) = (dims.layers, dims.heads, dims.head_dim);
     for (i, r) in rows.iter().enumerate() {
         if (r.prefix.layers(), r.prefix.heads(), r.prefix.head_dim()) != (layers, heads, head_dim) {
@@ -133,6 +132,14 @@ pub(crate) fn gather_prefixes(rows: &[EncoderRow<'_>], dims: &Dims) -> Result<Ve
             )));
         }
     }
+    Ok(())
+}
+
+/// Every row's prefix keys/values, right-aligned in `Pmax` slots (the mask hides the rest):
+/// `[L, 2, B, H, Pmax, D]`, so layer `l` is one contiguous `[2, B, H, Pmax, D]` block.
+pub(crate) fn gather_prefixes(rows: &[EncoderRow<'_>], dims: &Dims) -> Result<Vec<f32>> {
+    gather_check(rows, dims)?;
+    let (layers, heads, head_dim) = (dims.layers, dims.heads, dims.head_dim);
     let b = rows.len();
     let p_max = rows
         .iter()

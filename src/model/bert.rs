@@ -16,7 +16,7 @@
 use candle_core::{DType, Device, IndexOp, Tensor};
 use std::path::Path;
 
-use super::batch::{gather_prefixes, Dims, EncoderRow, HostBatch, TokenBatch};
+use super::batch::{gather_check, gather_prefixes, Dims, EncoderRow, HostBatch, TokenBatch};
 use super::cpu;
 use super::train_ops::{self, Dropout};
 use super::weights::{self, Weights};
@@ -35,9 +35,9 @@ fn dropout(x: Tensor, mode: &mut Mode<'_>) -> Result<Tensor> {
 
 /// A dense layer with its weight stored pre-transposed as `[in, out]`, so the forward is a plain
 /// `x · W` with both operands contiguous.
-struct Linear {
-    weight_t: Tensor,
-    bias: Tensor,
+pub(super) struct Linear {
+    pub(super) weight_t: Tensor,
+    pub(super) bias: Tensor,
 }
 
 impl Linear {
@@ -72,19 +72,21 @@ impl Linear {
 
     fn forward(&self, x: &Tensor, mode: &Mode<'_>) -> Result<Tensor> {
         Ok(match mode {
-            None => x.matmul(&self.weight_t)?.broadcast_add(&self.bias)?,
-            Some(_) => x.contiguous()?.apply_op1(train_ops::FrozenLinear {
+            // Off the CPU, training uses candle's own differentiable matmul (it also computes
+            // the frozen weight's gradient, which nothing reads: wasted work, not wrong).
+            Some(_) if x.device().is_cpu() => x.contiguous()?.apply_op1(train_ops::FrozenLinear {
                 weight_t: self.weight_t.clone(),
                 bias: self.bias.clone(),
             })?,
+            _ => x.matmul(&self.weight_t)?.broadcast_add(&self.bias)?,
         })
     }
 }
 
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f32,
+pub(super) struct LayerNorm {
+    pub(super) weight: Tensor,
+    pub(super) bias: Tensor,
+    pub(super) eps: f32,
 }
 
 impl LayerNorm {
@@ -113,20 +115,21 @@ impl LayerNorm {
     fn forward(&self, x: &Tensor, mode: &Mode<'_>) -> Result<Tensor> {
         Ok(match mode {
             None => candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps)?,
-            Some(_) => x.contiguous()?.apply_op1(train_ops::LayerNorm {
+            Some(_) if x.device().is_cpu() => x.contiguous()?.apply_op1(train_ops::LayerNorm {
                 weight: self.weight.clone(),
                 bias: self.bias.clone(),
                 eps: self.eps,
             })?,
+            Some(_) => train_ops::layer_norm_composed(x, &self.weight, &self.bias, self.eps)?,
         })
     }
 }
 
-struct BertEmbeddings {
-    word_embeddings: Tensor,
-    position_embeddings: Tensor,
-    token_type_embeddings: Tensor,
-    layer_norm: LayerNorm,
+pub(super) struct BertEmbeddings {
+    pub(super) word_embeddings: Tensor,
+    pub(super) position_embeddings: Tensor,
+    pub(super) token_type_embeddings: Tensor,
+    pub(super) layer_norm: LayerNorm,
 }
 
 impl BertEmbeddings {
@@ -162,10 +165,10 @@ impl BertEmbeddings {
 }
 
 /// `attention.self`: Q, K, V (fused into one matmul at load) and the prefixed attention.
-struct BertSelfAttention {
-    qkv: Linear,
-    heads: usize,
-    head_dim: usize,
+pub(super) struct BertSelfAttention {
+    pub(super) qkv: Linear,
+    pub(super) heads: usize,
+    pub(super) head_dim: usize,
 }
 
 impl BertSelfAttention {
@@ -206,7 +209,10 @@ impl BertSelfAttention {
         let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&inputs.key_mask)?;
         let probs = match mode {
             None => candle_nn::ops::softmax_last_dim(&scores)?,
-            Some(_) => dropout(scores.contiguous()?.apply_op1(train_ops::Softmax)?, mode)?,
+            Some(_) if scores.device().is_cpu() => {
+                dropout(scores.contiguous()?.apply_op1(train_ops::Softmax)?, mode)?
+            }
+            Some(_) => dropout(candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?, mode)?,
         };
         let context = probs.matmul(&v)?; // [B, H, S, D]
         Ok(context
@@ -217,9 +223,9 @@ impl BertSelfAttention {
 }
 
 /// `attention.output` and `output`: dense, residual, LayerNorm.
-struct DenseResidualNorm {
-    dense: Linear,
-    layer_norm: LayerNorm,
+pub(super) struct DenseResidualNorm {
+    pub(super) dense: Linear,
+    pub(super) layer_norm: LayerNorm,
 }
 
 impl DenseResidualNorm {
@@ -241,12 +247,12 @@ impl DenseResidualNorm {
     }
 }
 
-struct BertLayer {
-    attention: BertSelfAttention,
-    attention_output: DenseResidualNorm,
-    intermediate: Linear,
-    activation: Activation,
-    output: DenseResidualNorm,
+pub(super) struct BertLayer {
+    pub(super) attention: BertSelfAttention,
+    pub(super) attention_output: DenseResidualNorm,
+    pub(super) intermediate: Linear,
+    pub(super) activation: Activation,
+    pub(super) output: DenseResidualNorm,
 }
 
 impl BertLayer {
@@ -290,24 +296,38 @@ impl BertLayer {
     }
 }
 
+/// `PREFIXD_REFERENCE_PATH=1` runs candle's op-by-op path instead of the fused one off the CPU: a
+/// debugging switch for comparing the two on a GPU (scripts/gpu-check uses it).
+fn reference_path_forced() -> bool {
+    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| std::env::var_os("PREFIXD_REFERENCE_PATH").is_some_and(|v| v == "1"))
+}
+
 /// The frozen base model with prefix-aware attention.
 pub struct PrefixedBert {
-    embeddings: BertEmbeddings,
-    layers: Vec<BertLayer>,
-    pooler: Linear,
+    pub(super) embeddings: BertEmbeddings,
+    pub(super) layers: Vec<BertLayer>,
+    pub(super) pooler: Linear,
     /// The same weights as host arrays for the CPU inference path (`None` on other devices).
     host: Option<cpu::HostBert>,
     config: BertConfig,
     info: ModelInfo,
     device: Device,
+    dtype: DType,
 }
 
 impl PrefixedBert {
-    /// Loads `config.json` and `model.safetensors` from a Hugging Face BERT directory.
+    /// Loads `config.json` and `model.safetensors` from a Hugging Face BERT directory, in f32.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        let ckpt = weights::open(dir, device)?;
+        Self::load_as(dir, device, DType::F32)
+    }
+
+    /// Loads with the encoder's weights (and so its arithmetic's storage) in `dtype`: f32, or
+    /// bf16/f16 for the opt-in half-precision mode. Pooled vectors are f32 either way.
+    pub fn load_as(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let ckpt = weights::open(dir, device, dtype)?;
         let (c, w) = (&ckpt.config, &ckpt.weights);
-        tracing::debug!(path = %w.path().display(), "loading BERT weights");
+        tracing::debug!(path = %w.path().display(), ?dtype, "loading BERT weights");
         let layers = (0..c.num_hidden_layers)
             .map(|i| BertLayer::load(w, i, c))
             .collect::<Result<Vec<_>>>()?;
@@ -319,9 +339,10 @@ impl PrefixedBert {
             config: ckpt.config.clone(),
             info: ckpt.info,
             device: device.clone(),
+            dtype,
         };
-        // The host path implements BERT's erf GELU only; other activations use candle's path.
-        if device.is_cpu() && c.activation() == Activation::GeluErf {
+        // The host path implements BERT's erf GELU in f32 only; the rest uses the fused path.
+        if device.is_cpu() && dtype == DType::F32 && c.activation() == Activation::GeluErf {
             model.host = Some(model.host_weights()?);
         }
         Ok(model)
@@ -367,6 +388,11 @@ impl PrefixedBert {
         &self.device
     }
 
+    /// The dtype the encoder's weights are stored and its activations kept in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     fn dims(&self) -> Dims {
         let c = &self.config;
         Dims {
@@ -399,7 +425,8 @@ impl PrefixedBert {
 
     /// Runs the rows through the encoder and the pooler: `tanh(pooler(h[:, 0]))`, `[B, Hd]` F32.
     /// Each row's result depends only on its own tokens and prefix, never on the batch's padding.
-    /// Uses the CPU kernels (`cpu.rs`) when the model is on the CPU, candle's ops otherwise.
+    /// Uses the CPU kernels (`cpu.rs`) for f32 on the CPU, the fused device path (`fused/`)
+    /// otherwise.
     pub fn pooled(&self, rows: &[EncoderRow<'_>]) -> Result<Vec<Vec<f32>>> {
         match &self.host {
             Some(host) => {
@@ -411,8 +438,24 @@ impl PrefixedBert {
                     .map(<[f32]>::to_vec)
                     .collect())
             }
-            None => self.pooled_reference(rows),
+            None if reference_path_forced() && self.dtype == DType::F32 => {
+                self.pooled_reference(rows)
+            }
+            None => self.pooled_fused(rows),
         }
+    }
+
+    /// The fused device path on whatever device the model is on (on the CPU its fused ops are
+    /// composed of candle ops: that is how it is tested without a GPU).
+    pub fn pooled_fused(&self, rows: &[EncoderRow<'_>]) -> Result<Vec<Vec<f32>>> {
+        let dims = self.dims();
+        gather_check(rows, &dims)?;
+        let tokens: Vec<(&[u32], &[u32], usize)> = rows
+            .iter()
+            .map(|r| (r.input_ids, r.type_ids, r.prefix.num_virtual_tokens()))
+            .collect();
+        let batch = HostBatch::build(&tokens, &dims)?;
+        super::fused::pooled(self, rows, &batch)
     }
 
     /// The same computation through candle's tensor ops, on any device. On the CPU it is the

@@ -7,6 +7,8 @@ mod batch;
 mod bert;
 mod config;
 mod cpu;
+pub mod device;
+mod fused;
 mod kernels;
 mod prefix_kv;
 mod train_ops;
@@ -15,23 +17,12 @@ mod weights;
 pub use batch::EncoderRow;
 pub use bert::PrefixedBert;
 pub use config::{Activation, BertConfig};
+pub use device::{DeviceSpec, Precision};
 pub use prefix_kv::PrefixKv;
 pub use train_ops::Dropout;
 pub use weights::{fingerprint_file, ModelInfo};
 
 use std::path::PathBuf;
-
-/// The one place the compute device is chosen. A CUDA build (`--features cuda`) picks GPU 0 when
-/// one is present; everything else is device-agnostic.
-pub fn default_device() -> candle_core::Device {
-    #[cfg(feature = "cuda")]
-    {
-        if let Ok(dev) = candle_core::Device::new_cuda(0) {
-            return dev;
-        }
-    }
-    candle_core::Device::Cpu
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -57,6 +48,8 @@ pub enum ModelError {
              the pooled [CLS] vector, so a base model without a pooler cannot serve them"
     )]
     NoPooler { path: PathBuf, name: String },
+    #[error("{0}")]
+    Device(String),
     #[error("invalid batch: {0}")]
     Batch(String),
     #[error(transparent)]

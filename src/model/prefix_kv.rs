@@ -1,6 +1,8 @@
 //! A task's prefix keys and values, laid out once at load in the order attention consumes them.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use candle_core::{DType, Device, Tensor};
 
 /// Per-layer prefix keys and values of one task, stored as one flat `[L, 2, H, P, D]` array
 /// (layer, key/value, head, virtual token, head dim).
@@ -16,6 +18,9 @@ pub struct PrefixKv {
     heads: usize,
     head_dim: usize,
     data: Arc<[f32]>,
+    /// The same prefix on the model's GPU, uploaded at its first batch and freed with the last
+    /// clone of this prefix.
+    on_device: Arc<OnceLock<Tensor>>,
 }
 
 impl PrefixKv {
@@ -54,6 +59,7 @@ impl PrefixKv {
             heads: h,
             head_dim: d,
             data: data.into(),
+            on_device: Arc::new(OnceLock::new()),
         }
     }
 
@@ -91,6 +97,27 @@ impl PrefixKv {
 
     pub fn head_dim(&self) -> usize {
         self.head_dim
+    }
+
+    /// Identifies the prefix data: clones share it, a reloaded task gets a new one.
+    pub(crate) fn id(&self) -> usize {
+        Arc::as_ptr(&self.data) as *const f32 as usize
+    }
+
+    /// The prefix as a `[L, 2, H, P, D]` tensor on `device` in `dtype`. On a GPU it is uploaded
+    /// once and kept; on the CPU (the composed path, used by tests) it is built each time.
+    pub(crate) fn tensor_on(&self, device: &Device, dtype: DType) -> candle_core::Result<Tensor> {
+        if let Some(t) = self.on_device.get() {
+            if t.dtype() == dtype && t.device().same_device(device) {
+                return Ok(t.clone());
+            }
+        }
+        let shape = (self.layers, 2, self.heads, self.num_virtual_tokens, self.head_dim);
+        let t = Tensor::from_slice(&self.data, shape, device)?.to_dtype(dtype)?;
+        if !device.is_cpu() {
+            let _ = self.on_device.set(t.clone());
+        }
+        Ok(t)
     }
 
     /// The `[P, D]` block of one layer, key (`kv = 0`) or value (`kv = 1`), and head.

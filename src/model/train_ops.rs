@@ -153,6 +153,18 @@ impl CustomOp2 for LayerNormGrad {
     }
 }
 
+/// LayerNorm composed of candle's differentiable ops, for training off the CPU (where the custom
+/// op above has no kernel).
+pub(crate) fn layer_norm_composed(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    centered
+        .broadcast_div(&(var + eps as f64)?.sqrt()?)?
+        .broadcast_mul(w)?
+        .broadcast_add(b)
+}
+
 /// Inverted dropout with its own seeded generator, so a training run is reproducible.
 pub struct Dropout {
     p: f32,
@@ -172,6 +184,13 @@ impl Dropout {
             return Ok(x.clone());
         }
         let keep = 1.0 - self.p;
+        if !x.device().is_cpu() {
+            // On a GPU the mask is drawn there (the device's generator, seeded by the trainer):
+            // a host-drawn mask would cross the bus on every layer.
+            let u = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
+            let mask = (u.ge(self.p as f64)?.to_dtype(x.dtype())? * (1.0 / keep as f64))?;
+            return x.mul(&mask);
+        }
         let mask: Vec<f32> = (0..x.elem_count())
             .map(|_| {
                 if self.rng.random::<f32>() < keep {
@@ -274,6 +293,21 @@ mod tests {
             })
             .unwrap()
         });
+        // The composition the GPU trains with: same gradient, and the same forward as the op.
+        check("layer-norm-composed", |x| {
+            layer_norm_composed(x, &gamma, &beta, 1e-5).unwrap()
+        });
+        let x = Tensor::randn(0f32, 1.0, (3, 5), &dev).unwrap();
+        let op = x
+            .apply_op1(LayerNorm {
+                weight: gamma.clone(),
+                bias: beta.clone(),
+                eps: 1e-5,
+            })
+            .unwrap();
+        let composed = layer_norm_composed(&x, &gamma, &beta, 1e-5).unwrap();
+        let d = (op - composed).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
     }
 
     #[test]

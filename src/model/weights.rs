@@ -23,7 +23,7 @@ pub struct ModelInfo {
 
 /// Reads the checkpoint's tensors by their module path, hiding the `bert.` prefix that
 /// `BertFor*` checkpoints carry and plain `BertModel` checkpoints do not, and converting
-/// F16/BF16 weights to the F32 the encoder computes in.
+/// F16/BF16/F32 weights to the dtype the encoder computes in.
 pub(crate) struct Weights {
     vb: VarBuilder<'static>,
     path: PathBuf,
@@ -55,7 +55,7 @@ pub(crate) struct Checkpoint {
     pub info: ModelInfo,
 }
 
-pub(crate) fn open(dir: &Path, device: &Device) -> Result<Checkpoint> {
+pub(crate) fn open(dir: &Path, device: &Device, dtype: DType) -> Result<Checkpoint> {
     let layout = |message: String| ModelError::Layout {
         dir: dir.to_path_buf(),
         message,
@@ -77,7 +77,7 @@ pub(crate) fn open(dir: &Path, device: &Device) -> Result<Checkpoint> {
     }
     // SAFETY: the file is mapped read-only; like every mmap-based loader we rely on nobody
     // truncating the checkpoint while the process runs.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, device) }
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], dtype, device) }
         .map_err(|e| layout(format!("cannot read model.safetensors: {e}")))?;
     let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {
         vb.pp("bert")

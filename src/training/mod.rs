@@ -161,6 +161,12 @@ impl<'a> Trainer<'a> {
             eps: 1e-8,
             weight_decay: wd,
         };
+        // Dropout masks on a GPU come from the device's own generator: seed it too, so a run
+        // repeats there as it does on the CPU.
+        let device = engine.model().device();
+        if !device.is_cpu() {
+            device.set_seed(cfg.seed.wrapping_add(3))?;
+        }
         Ok(Self {
             engine,
             cfg,

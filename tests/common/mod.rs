@@ -82,6 +82,7 @@ pub fn engine_config() -> EngineConfig {
     EngineConfig {
         model_dir: model_dir(),
         max_length: 128,
+        ..EngineConfig::new("")
     }
 }
 

@@ -1,0 +1,358 @@
+#!/usr/bin/env python3
+"""One-shot GPU check of prefixd against PyTorch + PEFT on the same GPU (see scripts/gpu-check).
+
+Runs on a GPU machine with no network and no Rust: the prefixd binary arrives prebuilt in
+.gpu/prefixd.xz (scripts/build-cuda --pack), with the default model's config.json and
+tokenizer.json in .gpu/model/. The real weights do not travel, so a MiniLM-shaped BERT with random
+weights is made here with PyTorch; PEFT prefix adapters are made on it too, and PEFT's own logits
+on this GPU are the parity reference. Everything else is timing, both engines in this one run.
+
+    python3 scripts/gpu_check.py OUT_DIR [--device cuda|cpu] [--quick]
+
+--device cpu runs the same steps on the CPU with tiny shapes: the dry run that checks this script
+on a machine without a GPU. Prints one JSON report (also written to OUT_DIR/gpu-check.json) and a
+short table. A failing step is recorded under "errors" and the rest still runs.
+"""
+import argparse
+import json
+import lzma
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORK = "/tmp/prefixd-gpu-check"
+SENTENCE = "This movie was surprisingly good, I would watch it again!"
+# (name, P, labels, pair task?)
+TASKS = [("sst2like-p8", 8, 2, False), ("multi4-p20", 20, 4, False), ("pair-p10", 10, 3, True)]
+WORDS = (
+    "the a film movie story plot actor scene music great terrible boring wonderful slow fast "
+    "question answer when where who why how city river country market price stock team game "
+    "player won lost season election court law science space rocket data model network energy "
+    "money bank loan free call now text reply stop win prize cash offer urgent meeting tomorrow "
+    "today yesterday happy sad angry calm bright dark long short small large old new good bad "
+    "man woman child dog cat car house road train plane ship book page word letter number"
+).split()
+
+report = {"errors": [], "timings_s": {}}
+
+
+def step(name):
+    """Runs a step, recording its wall time and any failure; returns the step's result or None."""
+    def wrap(fn):
+        t0 = time.time()
+        try:
+            return fn()
+        except Exception as e:  # a failed step must not lose the others' results
+            report["errors"].append({"step": name, "error": f"{type(e).__name__}: {e}",
+                                     "trace": traceback.format_exc()[-2000:]})
+            print(f"[gpu-check] step {name} FAILED: {e}", flush=True)
+            return None
+        finally:
+            report["timings_s"][name] = round(time.time() - t0, 2)
+    return wrap
+
+
+def sh(args, env, timeout=180, stdin=None):
+    p = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, input=stdin)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, args[:3]))} … exited {p.returncode}: {p.stderr[-1500:]}")
+    return p.stdout
+
+
+def library_dirs():
+    """Folders holding the CUDA libraries the binary links (cuBLAS, cuRAND, NVRTC, cudart)."""
+    want = ["libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10", "libnvrtc.so.13", "libcudart.so.13"]
+    roots = [sys.prefix, "/usr/local/cuda", "/usr/local/nvidia", "/usr/lib/x86_64-linux-gnu"]
+    try:
+        import site
+        roots += site.getsitepackages()
+    except Exception:
+        pass
+    found = {}
+    for root in roots:
+        for dirpath, _, files in os.walk(root):
+            for w in want:
+                if w in files and w not in found:
+                    found[w] = dirpath
+            if len(found) == len(want):
+                break
+    missing = [w for w in want if w not in found]
+    return sorted(set(found.values())), missing
+
+
+def sentences(rng, n, pair):
+    out = []
+    for i in range(n):
+        length = [1, 3, 8, 14, 25, 40, 70, 140][i % 8]  # 140 words: truncated at 128 tokens
+        text = " ".join(rng.choice(WORDS) for _ in range(length))
+        if i == 0:
+            text = ""  # encodes to [CLS] [SEP] and must still classify
+        item = {"text": text}
+        if pair:
+            item["text_pair"] = " ".join(rng.choice(WORDS) for _ in range(3 + i % 11))
+        out.append(item)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes and short timings")
+    args = ap.parse_args()
+    quick = args.quick or args.device == "cpu"
+    os.makedirs(args.out, exist_ok=True)
+    shutil.rmtree(WORK, ignore_errors=True)
+    os.makedirs(WORK)
+    t_start = time.time()
+    secs = 0.5 if quick else 2.0
+
+    import torch
+    from tokenizers import Tokenizer
+
+    dev = args.device
+    report["torch"] = torch.__version__
+    report["device"] = dev
+    if dev == "cuda":
+        report["gpu"] = torch.cuda.get_device_name(0)
+        report["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+        try:
+            report["nvidia_smi"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+                 "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
+        except Exception as e:
+            report["nvidia_smi"] = str(e)
+    import transformers
+    import peft
+    report["transformers"], report["peft"] = transformers.__version__, peft.__version__
+
+    # The binary and the libraries it links.
+    binary = os.environ.get("PREFIXD_BIN") or os.path.join(WORK, "prefixd")
+    if not os.environ.get("PREFIXD_BIN"):
+        with lzma.open(os.path.join(REPO, ".gpu/prefixd.xz")) as src, open(binary, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.chmod(binary, 0o755)
+    env = dict(os.environ, RUST_LOG="warn", RUST_BACKTRACE="0")
+    if dev == "cuda":
+        dirs, missing = library_dirs()
+        report["library_dirs"], report["libraries_missing"] = dirs, missing
+        env["LD_LIBRARY_PATH"] = ":".join(dirs + [env.get("LD_LIBRARY_PATH", "")])
+    pdev = ["--device", "cuda" if dev == "cuda" else "cpu"]
+
+    # A MiniLM-shaped BERT with random weights (the real one does not travel), and the tokenizer.
+    model_dir = os.path.join(WORK, "model")
+    torch.manual_seed(0)
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    @step("make_model")
+    def _():
+        cfg = BertConfig.from_json_file(os.path.join(REPO, ".gpu/model/config.json"))
+        BertModel(cfg).save_pretrained(model_dir, safe_serialization=True)
+        shutil.copy(os.path.join(REPO, ".gpu/model/tokenizer.json"), model_dir)
+    tok = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+    tok.no_padding()
+    tok.enable_truncation(max_length=128)
+
+    from peft import PeftModel, PrefixTuningConfig, TaskType, get_peft_model
+
+    def make_adapter(name, p, labels, seed):
+        torch.manual_seed(seed)
+        m = BertForSequenceClassification.from_pretrained(model_dir, num_labels=labels)
+        with torch.no_grad():  # a random head big enough that logits are not all near zero
+            m.classifier.weight.mul_(25.0)
+            m.classifier.bias.normal_(0.0, 0.1)
+        pm = get_peft_model(m, PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=p))
+        d = os.path.join(WORK, name)
+        pm.save_pretrained(d)
+        return d
+
+    def load_peft(adapter, labels, dtype=torch.float32):
+        base = BertForSequenceClassification.from_pretrained(
+            model_dir, num_labels=labels, attn_implementation="sdpa")
+        return PeftModel.from_pretrained(base, adapter).to(dev, dtype=dtype).eval()
+
+    # Parity: PEFT's logits on this device vs prefixd's, all tasks interleaved in mixed batches.
+    cases_path = os.path.join(WORK, "mixed.jsonl")
+    adapters = {}
+
+    @step("peft_reference")
+    def ref():
+        rng = random.Random(7)
+        lines = []
+        for i, (name, p, labels, pair) in enumerate(TASKS):
+            adapters[name] = make_adapter(name, p, labels, 100 + i)
+            model = load_peft(adapters[name], labels)
+            for j, item in enumerate(sentences(rng, 8 if quick else 24, pair)):
+                enc = tok.encode(item["text"], item.get("text_pair")) if pair else tok.encode(item["text"])
+                ids = torch.tensor([enc.ids], device=dev)
+                with torch.inference_mode():
+                    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                   token_type_ids=torch.tensor([enc.type_ids], device=dev)).logits[0]
+                lines.append((j, i, {**item, "task": name, "logits": logits.float().cpu().tolist()}))
+        adapters["bench"] = make_adapter("bench-p20", 20, 2, 999)
+        # Interleave the tasks: every batch of the check mixes prefixes of P = 8, 20 and 10.
+        lines = [l for _, _, l in sorted(lines, key=lambda x: (x[0], x[1]))]
+        with open(cases_path, "w") as f:
+            for l in lines:
+                f.write(json.dumps(l) + "\n")
+        return lines
+
+
+    def prefixd_logits(extra_env=None, dtype="f32", batch=16):
+        argv = [binary, "classify", "--model", model_dir, "--max-length", "128", "--batch-size",
+                str(batch), "--dtype", dtype, "--input", cases_path] + pdev
+        for name, _, _, _ in TASKS:
+            argv += ["--prefix", adapters[name]]
+        out = sh(argv, dict(env, **(extra_env or {})))
+        return [json.loads(l) for l in out.splitlines()]
+
+    def compare(got):
+        worst, agree = 0.0, 0
+        for r, g in zip(ref, got):
+            assert r["task"] == g["task"], (r["task"], g["task"])
+            worst = max(worst, max(abs(a - b) for a, b in zip(r["logits"], g["logits"])))
+            agree += int(max(range(len(r["logits"])), key=r["logits"].__getitem__) == g["label_id"])
+        return {"rows": len(got), "max_abs_logit_diff": worst, "argmax_agree": agree}
+
+    parity = {}
+    if ref:
+        for label, kw in [("f32_fused", {}), ("f32_reference_path", {"extra_env": {"PREFIXD_REFERENCE_PATH": "1"}}),
+                          ("bf16", {"dtype": "bf16"}), ("f16", {"dtype": "f16"})]:
+            r = step(f"parity_{label}")(lambda kw=kw: compare(prefixd_logits(**kw)))
+            if r:
+                parity[label] = r
+        if "f32_fused" in parity:
+            parity["f32_fused"]["pass_1e-4"] = parity["f32_fused"]["max_abs_logit_diff"] <= 1e-4
+    report["parity_vs_peft"] = parity
+
+    # Throughput, the same shapes and precisions in both engines.
+    shapes = [(8, 16), (16, 32)] if quick else [(32, 64), (128, 128), (512, 128)]
+    dtypes = [("f32", torch.float32), ("bf16", torch.bfloat16), ("f16", torch.float16)]
+    if dev == "cpu":
+        dtypes = dtypes[:1]
+
+    def pbench(*extra):
+        out = sh([binary, "bench", "--model", model_dir, "--seconds", str(secs), "--prefix-len", "20"]
+                 + pdev + list(extra), env, timeout=240)
+        return json.loads(out.strip().splitlines()[-1])
+
+    def timed(fn, warmup, min_calls):
+        for _ in range(warmup):
+            fn()
+        times, t0 = [], time.perf_counter()
+        while len(times) < min_calls or time.perf_counter() - t0 < secs:
+            a = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - a)
+        return statistics.median(times)
+
+    def sync():
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    def torch_throughput(model, batch, seq):
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(1000, 30522, (batch, seq), generator=g)
+        ids[:, 0], ids[:, -1] = 101, 102
+        ids = ids.to(dev)
+        mask, types = torch.ones_like(ids), torch.zeros_like(ids)
+
+        def call():
+            with torch.inference_mode():
+                model(input_ids=ids, attention_mask=mask, token_type_ids=types)
+            sync()
+        return batch / timed(call, 5, 10)
+
+    rows = []
+    for dname, dt in dtypes:
+        tmodel = step(f"torch_load_{dname}")(lambda dt=dt: load_peft(adapters["bench"], 2, dt)) if adapters else None
+        for b, s in shapes:
+            p = step(f"prefixd_{dname}_{b}x{s}")(lambda b=b, s=s: pbench("--dtype", dname, "--batch", str(b), "--seq-len", str(s)))
+            t = step(f"torch_{dname}_{b}x{s}")(lambda b=b, s=s: torch_throughput(tmodel, b, s)) if tmodel else None
+            row = {"dtype": dname, "batch": b, "seq_len": s,
+                   "prefixd_seq_per_s": p and p["seq_per_s"], "torch_seq_per_s": t}
+            if p and t:
+                row["ratio"] = p["seq_per_s"] / t
+            rows.append(row)
+            print(f"[gpu-check] {row}", flush=True)
+        # Batch-1 latency: tokenize + forward + argmax of one short sentence.
+        if dname in ("f32", "bf16"):
+            p = step(f"prefixd_latency_{dname}")(lambda: pbench("--dtype", dname, "--latency"))
+
+            def one(model=tmodel):
+                enc = tok.encode(SENTENCE)
+                ids = torch.tensor([enc.ids], device=dev)
+                with torch.inference_mode():
+                    out = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                token_type_ids=torch.tensor([enc.type_ids], device=dev))
+                return int(out.logits.argmax(-1))
+            t = step(f"torch_latency_{dname}")(lambda: timed(one, 20, 50) * 1e3) if tmodel else None
+            lat = {"dtype": dname, "prefixd_ms": p and p["median_ms"], "torch_ms": t}
+            if p and t:
+                lat["ratio"] = p["median_ms"] / t
+            report.setdefault("latency_batch1", []).append(lat)
+        del tmodel
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    report["throughput"] = rows
+
+    # 32 tasks mixed in one batch vs one task.
+    b, s = shapes[0]
+    one = step("prefixd_1task")(lambda: pbench("--batch", "32", "--seq-len", str(s), "--tasks", "1"))
+    many = step("prefixd_32tasks")(lambda: pbench("--batch", "32", "--seq-len", str(s), "--tasks", "32"))
+    if one and many:
+        report["mixed_32_tasks_vs_one"] = {"one_task_seq_per_s": one["seq_per_s"],
+                                           "32_tasks_seq_per_s": many["seq_per_s"],
+                                           "ratio": many["seq_per_s"] / one["seq_per_s"]}
+
+    # Training steps: forward with dropout, backward, clipping, AdamW; batch 32.
+    tb, ts = (4, 16) if quick else (32, 64)
+    p = step("prefixd_train")(lambda: pbench("--train", "--batch", str(tb), "--seq-len", str(ts)))
+
+    def torch_train():
+        torch.manual_seed(0)
+        m = BertForSequenceClassification.from_pretrained(model_dir, num_labels=2, attn_implementation="sdpa")
+        m = get_peft_model(m, PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=20)).to(dev)
+        m.train()
+        params = [q for q in m.parameters() if q.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
+        ids = torch.randint(1000, 30522, (tb, ts))
+        ids[:, 0], ids[:, -1] = 101, 102
+        ids = ids.to(dev)
+        mask, types = torch.ones_like(ids), torch.zeros_like(ids)
+        labels = (torch.arange(tb) % 2).to(dev)
+
+        def one_step():
+            out = m(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad()
+            sync()
+        return tb / timed(one_step, 3, 10)
+    t = step("torch_train")(torch_train)
+    report["training_batch32"] = {"batch": tb, "seq_len": ts, "prefixd_examples_per_s": p and p["examples_per_s"],
+                                  "torch_examples_per_s": t, "ratio": (p["examples_per_s"] / t) if p and t else None}
+
+    report["total_seconds"] = round(time.time() - t_start, 1)
+    path = os.path.join(args.out, "gpu-check.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+    print(json.dumps({k: v for k, v in report.items() if k != "errors"}, indent=1))
+    print("\n| dtype | shape | prefixd seq/s | torch seq/s | ratio |")
+    for r in rows:
+        ratio = f"{r['ratio']:.2f}" if r.get("ratio") else "-"
+        print(f"| {r['dtype']} | {r['batch']}x{r['seq_len']} | {r['prefixd_seq_per_s']} | {r['torch_seq_per_s']} | {ratio} |")
+    for e in report["errors"]:
+        print(f"ERROR {e['step']}: {e['error']}")
+    print(f"[gpu-check] wrote {path} in {report['total_seconds']} s; {len(report['errors'])} errors")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,372 @@
+//! Launching `kernels.cu` on CUDA tensors (only built with `--features cuda`).
+//!
+//! Each function reads contiguous inputs in place, allocates its output on the same stream, and
+//! wraps it as a new tensor; nothing here tracks gradients (inference only).
+
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::op::BackpropOp;
+use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
+
+use super::ops::AttnDims;
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/prefixd_kernels.ptx"));
+const MODULE: &str = "prefixd_fused";
+/// Row-per-warp kernels hold a row in registers: at most 32 values per lane.
+pub(crate) const MAX_ROW: usize = 32 * 32;
+const WARPS_PER_BLOCK: u32 = 4;
+
+fn device(t: &Tensor) -> Result<CudaDevice> {
+    match t.device() {
+        candle_core::Device::Cuda(d) => Ok(d.clone()),
+        _ => bail!("expected a CUDA tensor"),
+    }
+}
+
+fn view<'a, T: CudaDType + DeviceRepr>(s: &'a Storage, l: &Layout) -> Result<CudaView<'a, T>> {
+    let Storage::Cuda(c) = s else {
+        bail!("expected CUDA storage")
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        bail!("fused kernel input is not contiguous")
+    };
+    Ok(c.as_cuda_slice::<T>()?.slice(a..b))
+}
+
+fn wrap<T: CudaDType + DeviceRepr>(out: CudaSlice<T>, dev: &CudaDevice, shape: impl Into<Shape>) -> Tensor {
+    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone()));
+    Tensor::from_storage(storage, shape, BackpropOp::none(), false)
+}
+
+/// The kernel `name` for `dtype`, loaded from our PTX on first use.
+macro_rules! kernel {
+    ($dev:expr, $name:expr, $dtype:expr) => {{
+        let suffix = match $dtype {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            other => bail!("fused kernels support f32, f16 and bf16, not {other:?}"),
+        };
+        $dev.get_or_load_custom_func(&format!("{}_{suffix}", $name), MODULE, PTX)?
+    }};
+}
+
+/// Blocks of `WARPS_PER_BLOCK` warps, one row each.
+fn rows_config(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((rows as u32).div_ceil(WARPS_PER_BLOCK), 1, 1),
+        block_dim: (32 * WARPS_PER_BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A grid-stride launch over `n` elements, capped so huge tensors do not need huge grids.
+fn elems_config(n: usize) -> LaunchConfig {
+    const THREADS: u32 = 256;
+    LaunchConfig {
+        grid_dim: ((n as u32).div_ceil(THREADS).clamp(1, 65_535), 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn check_row(n: usize) -> Result<()> {
+    if n > MAX_ROW {
+        bail!("fused kernels handle rows of at most {MAX_ROW} values, got {n}")
+    }
+    Ok(())
+}
+
+macro_rules! by_dtype {
+    ($dtype:expr, $f:ident, $($arg:expr),*) => {
+        match $dtype {
+            DType::F32 => $f::<f32>($($arg),*),
+            DType::F16 => $f::<half::f16>($($arg),*),
+            DType::BF16 => $f::<half::bf16>($($arg),*),
+            other => bail!("fused kernels support f32, f16 and bf16, not {other:?}"),
+        }
+    };
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn embed_ln(
+    ids: &Tensor,
+    types: &Tensor,
+    positions: &Tensor,
+    word: &Tensor,
+    type_emb: &Tensor,
+    pos_emb: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+) -> Result<Tensor> {
+    #[allow(clippy::too_many_arguments)]
+    fn go<T: CudaDType + DeviceRepr>(
+        ids: &Tensor,
+        types: &Tensor,
+        positions: &Tensor,
+        word: &Tensor,
+        type_emb: &Tensor,
+        pos_emb: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f32,
+    ) -> Result<Tensor> {
+        let dev = device(word)?;
+        let rows = ids.elem_count();
+        let n = word.dim(1)?;
+        check_row(n)?;
+        let (s_ids, l_ids) = ids.storage_and_layout();
+        let (s_ty, l_ty) = types.storage_and_layout();
+        let (s_pos, l_pos) = positions.storage_and_layout();
+        let (s_w, l_w) = word.storage_and_layout();
+        let (s_t, l_t) = type_emb.storage_and_layout();
+        let (s_p, l_p) = pos_emb.storage_and_layout();
+        let (s_g, l_g) = gamma.storage_and_layout();
+        let (s_b, l_b) = beta.storage_and_layout();
+        let (v_ids, v_ty, v_pos) = (
+            view::<u32>(&s_ids, l_ids)?,
+            view::<u32>(&s_ty, l_ty)?,
+            view::<u32>(&s_pos, l_pos)?,
+        );
+        let (v_w, v_t, v_p) = (view::<T>(&s_w, l_w)?, view::<T>(&s_t, l_t)?, view::<T>(&s_p, l_p)?);
+        let (v_g, v_b) = (view::<T>(&s_g, l_g)?, view::<T>(&s_b, l_b)?);
+        // SAFETY: every element is written by the kernel below.
+        let mut out = unsafe { dev.alloc::<T>(rows * n)? };
+        let f = kernel!(dev, "embed_ln", word.dtype());
+        let (rows_i, n_i) = (rows as i32, n as i32);
+        let mut b = f.builder();
+        b.arg(&v_ids).arg(&v_ty).arg(&v_pos).arg(&v_w).arg(&v_t).arg(&v_p);
+        b.arg(&v_g).arg(&v_b).arg(&eps).arg(&rows_i).arg(&n_i).arg(&mut out);
+        // SAFETY: argument order and types match `embed_ln_*` in kernels.cu.
+        unsafe { b.launch(rows_config(rows)) }.w()?;
+        drop(b);
+        Ok(wrap(out, &dev, (rows, n)))
+    }
+    by_dtype!(word.dtype(), go, ids, types, positions, word, type_emb, pos_emb, gamma, beta, eps)
+}
+
+pub(crate) fn bias_residual_ln(
+    x: &Tensor,
+    bias: &Tensor,
+    residual: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+) -> Result<Tensor> {
+    fn go<T: CudaDType + DeviceRepr>(
+        x: &Tensor,
+        bias: &Tensor,
+        residual: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f32,
+    ) -> Result<Tensor> {
+        let dev = device(x)?;
+        let (rows, n) = x.dims2()?;
+        check_row(n)?;
+        if residual.dims() != x.dims() {
+            bail!("bias_residual_ln: residual {:?} vs x {:?}", residual.dims(), x.dims())
+        }
+        let (s_x, l_x) = x.storage_and_layout();
+        let (s_bias, l_bias) = bias.storage_and_layout();
+        let (s_r, l_r) = residual.storage_and_layout();
+        let (s_g, l_g) = gamma.storage_and_layout();
+        let (s_b, l_b) = beta.storage_and_layout();
+        let (v_x, v_bias, v_r) = (
+            view::<T>(&s_x, l_x)?,
+            view::<T>(&s_bias, l_bias)?,
+            view::<T>(&s_r, l_r)?,
+        );
+        let (v_g, v_b) = (view::<T>(&s_g, l_g)?, view::<T>(&s_b, l_b)?);
+        // SAFETY: every element is written by the kernel below.
+        let mut out = unsafe { dev.alloc::<T>(rows * n)? };
+        let f = kernel!(dev, "bias_residual_ln", x.dtype());
+        let (rows_i, n_i) = (rows as i32, n as i32);
+        let mut b = f.builder();
+        b.arg(&v_x).arg(&v_bias).arg(&v_r).arg(&v_g).arg(&v_b);
+        b.arg(&eps).arg(&rows_i).arg(&n_i).arg(&mut out);
+        // SAFETY: argument order and types match `bias_residual_ln_*` in kernels.cu.
+        unsafe { b.launch(rows_config(rows)) }.w()?;
+        drop(b);
+        Ok(wrap(out, &dev, (rows, n)))
+    }
+    by_dtype!(x.dtype(), go, x, bias, residual, gamma, beta, eps)
+}
+
+pub(crate) fn bias_gelu(x: Tensor, bias: &Tensor) -> Result<Tensor> {
+    fn go<T: CudaDType + DeviceRepr>(x: Tensor, bias: &Tensor) -> Result<Tensor> {
+        let dev = device(&x)?;
+        let (rows, cols) = x.dims2()?;
+        let total = rows * cols;
+        let (s_x, l_x) = x.storage_and_layout();
+        let (s_b, l_b) = bias.storage_and_layout();
+        let (v_x, v_b) = (view::<T>(&s_x, l_x)?, view::<T>(&s_b, l_b)?);
+        // SAFETY: every element is written by the kernel below.
+        let mut out = unsafe { dev.alloc::<T>(total)? };
+        let f = kernel!(dev, "bias_gelu", x.dtype());
+        let cols_i = cols as i32;
+        let mut b = f.builder();
+        b.arg(&v_x).arg(&v_b).arg(&total).arg(&cols_i).arg(&mut out);
+        // SAFETY: argument order and types match `bias_gelu_*` in kernels.cu.
+        unsafe { b.launch(elems_config(total)) }.w()?;
+        drop(b);
+        Ok(wrap(out, &dev, (rows, cols)))
+    }
+    let dtype = x.dtype();
+    by_dtype!(dtype, go, x, bias)
+}
+
+/// Per-row device pointers to each row's task prefix and its length P, uploaded once per batch.
+/// Holds the task tensors so the pointers stay valid while the batch runs.
+pub(crate) struct PrefixTable {
+    ptrs: CudaSlice<u64>,
+    ps: CudaSlice<i32>,
+    dtype: DType,
+    _tasks: Vec<Tensor>,
+}
+
+impl PrefixTable {
+    pub fn new(tasks: Vec<Tensor>, row_task: &[u32]) -> Result<Self> {
+        let dev = device(&tasks[0])?;
+        let stream = dev.cuda_stream();
+        let dtype = tasks[0].dtype();
+        let mut task_ptr = Vec::with_capacity(tasks.len());
+        let mut task_p = Vec::with_capacity(tasks.len());
+        for t in &tasks {
+            if t.dtype() != dtype || !t.is_contiguous() {
+                bail!("prefix tensors must share one dtype and be contiguous")
+            }
+            let (_, _, _, p, _) = t.dims5()?;
+            let (st, l) = t.storage_and_layout();
+            let ptr = by_dtype_ptr(&st, l, dtype, &stream)?;
+            task_ptr.push(ptr);
+            task_p.push(p as i32);
+        }
+        let mut ptrs = Vec::with_capacity(row_task.len());
+        let mut ps = Vec::with_capacity(row_task.len());
+        for &i in row_task {
+            ptrs.push(task_ptr[i as usize]);
+            ps.push(task_p[i as usize]);
+        }
+        Ok(Self {
+            ptrs: dev.clone_htod(&ptrs)?,
+            ps: dev.clone_htod(&ps)?,
+            dtype,
+            _tasks: tasks,
+        })
+    }
+}
+
+/// The device address of a contiguous tensor's first element.
+fn by_dtype_ptr(
+    st: &Storage,
+    l: &Layout,
+    dtype: DType,
+    stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+) -> Result<u64> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    fn ptr<T: CudaDType + DeviceRepr>(
+        st: &Storage,
+        l: &Layout,
+        stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+    ) -> Result<u64> {
+        let v = view::<T>(st, l)?;
+        // The guard only records this read on the (single) stream; the tensor itself is kept
+        // alive by the table.
+        let (p, _guard) = v.device_ptr(stream);
+        Ok(p)
+    }
+    match dtype {
+        DType::F32 => ptr::<f32>(st, l, stream),
+        DType::F16 => ptr::<half::f16>(st, l, stream),
+        DType::BF16 => ptr::<half::bf16>(st, l, stream),
+        other => bail!("fused kernels support f32, f16 and bf16, not {other:?}"),
+    }
+}
+
+pub(crate) fn split_qkv(
+    qkv: &Tensor,
+    bias: &Tensor,
+    table: &PrefixTable,
+    layer: usize,
+    d: &AttnDims,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    fn go<T: CudaDType + DeviceRepr>(
+        qkv: &Tensor,
+        bias: &Tensor,
+        table: &PrefixTable,
+        layer: usize,
+        d: &AttnDims,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let dev = device(qkv)?;
+        let (b, s, h, hd, p) = (d.batch, d.seq, d.heads, d.head_dim, d.p_max);
+        let t = d.keys();
+        if qkv.dims() != [b * s, 3 * h * hd] || table.ptrs.len() != b {
+            bail!("split_qkv: qkv is {:?} for {} prefix rows", qkv.dims(), table.ptrs.len())
+        }
+        if table.dtype != qkv.dtype() {
+            bail!("split_qkv: prefixes are {:?}, activations {:?}", table.dtype, qkv.dtype())
+        }
+        let (s_qkv, l_qkv) = qkv.storage_and_layout();
+        let (s_bias, l_bias) = bias.storage_and_layout();
+        let v_qkv = view::<T>(&s_qkv, l_qkv)?;
+        let v_bias = view::<T>(&s_bias, l_bias)?;
+        // SAFETY: split_tokens writes every query and every token slot of k and v;
+        // split_prefix writes every prefix slot.
+        let mut q = unsafe { dev.alloc::<T>(b * h * s * hd)? };
+        let mut k = unsafe { dev.alloc::<T>(b * h * t * hd)? };
+        let mut v = unsafe { dev.alloc::<T>(b * h * t * hd)? };
+        let (bi, si, hi, di, pi, layer_i) =
+            (b as i32, s as i32, h as i32, hd as i32, p as i32, layer as i32);
+        {
+            let f = kernel!(dev, "split_tokens", qkv.dtype());
+            let mut l = f.builder();
+            l.arg(&v_qkv).arg(&v_bias).arg(&bi).arg(&si).arg(&hi).arg(&di).arg(&pi);
+            l.arg(&mut q).arg(&mut k).arg(&mut v);
+            // SAFETY: argument order and types match `split_tokens_*` in kernels.cu.
+            unsafe { l.launch(elems_config(b * s * 3 * h * hd)) }.w()?;
+        }
+        if p > 0 {
+            let f = kernel!(dev, "split_prefix", qkv.dtype());
+            let mut l = f.builder();
+            l.arg(&table.ptrs).arg(&table.ps).arg(&layer_i).arg(&bi).arg(&si).arg(&hi);
+            l.arg(&di).arg(&pi).arg(&mut k).arg(&mut v);
+            // SAFETY: argument order and types match `split_prefix_*` in kernels.cu; every
+            // pointer in the table addresses a live [L, 2, H, P, D] tensor of this dtype.
+            unsafe { l.launch(elems_config(2 * b * h * p * hd)) }.w()?;
+        }
+        Ok((
+            wrap(q, &dev, (b, h, s, hd)),
+            wrap(k, &dev, (b, h, t, hd)),
+            wrap(v, &dev, (b, h, t, hd)),
+        ))
+    }
+    by_dtype!(qkv.dtype(), go, qkv, bias, table, layer, d)
+}
+
+pub(crate) fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    fn go<T: CudaDType + DeviceRepr>(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+        let dev = device(scores)?;
+        let (b, h, s, t) = scores.dims4()?;
+        check_row(t)?;
+        let rows = b * h * s;
+        let (s_x, l_x) = scores.storage_and_layout();
+        let (s_m, l_m) = mask.storage_and_layout();
+        let (v_x, v_m) = (view::<T>(&s_x, l_x)?, view::<f32>(&s_m, l_m)?);
+        // SAFETY: every element is written by the kernel below.
+        let mut out = unsafe { dev.alloc::<T>(rows * t)? };
+        let f = kernel!(dev, "masked_softmax", scores.dtype());
+        let (scale_f, rows_i, per_b, t_i) = (scale as f32, rows as i32, (h * s) as i32, t as i32);
+        let mut l = f.builder();
+        l.arg(&v_x).arg(&v_m).arg(&scale_f).arg(&rows_i).arg(&per_b).arg(&t_i).arg(&mut out);
+        // SAFETY: argument order and types match `masked_softmax_*` in kernels.cu.
+        unsafe { l.launch(rows_config(rows)) }.w()?;
+        drop(l);
+        Ok(wrap(out, &dev, (b, h, s, t)))
+    }
+    by_dtype!(scores.dtype(), go, scores, mask, scale)
+}
+
