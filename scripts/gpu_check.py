@@ -274,6 +274,8 @@ def main():
         tmodel = step(f"torch_load_{dname}")(lambda dt=dt: load_peft(adapters["bench"], 2, dt)) if adapters else None
         for b, s in shapes:
             p = step(f"prefixd_{dname}_{b}x{s}")(lambda b=b, s=s: pbench("--dtype", dname, "--batch", str(b), "--seq-len", str(s)))
+            if p and "placement" not in report:
+                report["placement"] = p.get("placement")
             t = step(f"torch_{dname}_{b}x{s}")(lambda b=b, s=s: torch_throughput(tmodel, b, s)) if tmodel else None
             row = {"dtype": dname, "batch": b, "seq_len": s,
                    "prefixd_seq_per_s": p and p["seq_per_s"], "torch_seq_per_s": t}
@@ -301,6 +303,16 @@ def main():
         if dev == "cuda":
             torch.cuda.empty_cache()
     report["throughput"] = rows
+    # The fused path against candle's op-by-op chain, same binary, one shape.
+    b, s = shapes[1]
+    ref_path = step("prefixd_reference_path")(lambda: sh(
+        [binary, "bench", "--model", model_dir, "--seconds", str(secs), "--batch", str(b),
+         "--seq-len", str(s)] + pdev, dict(env, PREFIXD_REFERENCE_PATH="1"), timeout=240))
+    if ref_path:
+        fused = next((r for r in rows if r["dtype"] == "f32" and (r["batch"], r["seq_len"]) == (b, s)), None)
+        ref_sps = json.loads(ref_path.strip().splitlines()[-1])["seq_per_s"]
+        report["fused_vs_op_by_op"] = {"shape": f"{b}x{s}", "op_by_op_seq_per_s": ref_sps,
+                                       "fused_seq_per_s": fused and fused["prefixd_seq_per_s"]}
 
     # 32 tasks mixed in one batch vs one task.
     b, s = shapes[0]
