@@ -352,6 +352,35 @@ def main():
     report["training_batch32"] = {"batch": tb, "seq_len": ts, "prefixd_examples_per_s": p and p["examples_per_s"],
                                   "torch_examples_per_s": t, "ratio": (p["examples_per_s"] / t) if p and t else None}
 
+    # Training on the GPU learns what training on the CPU learns: the same seed, data and random
+    # model through both devices (the CPU run uses this machine's cores).
+    def train_on(device):
+        out = os.path.join(WORK, f"syn-{device}.safetensors")
+        sh([binary, "train", "--model", model_dir, "--train", syn_train, "--eval", syn_eval,
+            "--task", "syn", "-o", out, "--device", device, "--epochs", "4", "--lr", "0.05", "--batch-size", "32",
+            "--virtual-tokens", "10", "--max-length", "32", "--quiet"], env, timeout=300)
+        with open(os.path.join(WORK, f"syn-{device}.metrics.json")) as f:
+            m = json.load(f)
+        return {"epochs": [{"train_loss": e["train_loss"], "eval_accuracy": e["eval"]["accuracy"],
+                            "examples_per_s": e["examples_per_s"]} for e in m["epochs"]],
+                "best_epoch": m["best_epoch"]}
+    syn_train, syn_eval = os.path.join(WORK, "syn-train.tsv"), os.path.join(WORK, "syn-eval.tsv")
+    rng = random.Random(3)
+    good, bad = ["great", "wonderful", "happy", "bright", "won"], ["terrible", "boring", "sad", "dark", "lost"]
+    for path, n in [(syn_train, 64 if quick else 640), (syn_eval, 32 if quick else 320)]:
+        with open(path, "w") as f:
+            f.write("sentence\tlabel\n")
+            for _ in range(n):
+                label = rng.randrange(2)
+                # A cue word three times among a few fillers: learnable even through a random BERT
+                # (98% on the CPU at epoch 3).
+                words = [rng.choice(WORDS) for _ in range(rng.randrange(2, 6))]
+                for _ in range(3):
+                    words.insert(rng.randrange(len(words) + 1), rng.choice(good if label else bad))
+                f.write(" ".join(words) + f"\t{label}\n")
+    devices = ["cuda", "cpu"] if dev == "cuda" else ["cpu"]
+    report["training_same_seed"] = {d: step(f"train_{d}")(lambda d=d: train_on(d)) for d in devices}
+
     report["total_seconds"] = round(time.time() - t_start, 1)
     path = os.path.join(args.out, "gpu-check.json")
     with open(path, "w") as f:
@@ -364,6 +393,22 @@ def main():
     for e in report["errors"]:
         print(f"ERROR {e['step']}: {e['error']}")
     print(f"[gpu-check] wrote {path} in {report['total_seconds']} s; {len(report['errors'])} errors")
+
+    # Where a large half-precision batch spends its time, kernel by kernel (Nsight Compute, if
+    # present and allowed; about a minute). Written after the report, so it can only add.
+    if dev == "cuda" and shutil.which("ncu") and not quick:
+        try:
+            prof = subprocess.run(
+                ["ncu", "--clock-control", "none", "--metrics", "gpu__time_duration.sum", "--csv",
+                 "--launch-skip", "200", "--launch-count", "90", binary, "bench", "--model", model_dir,
+                 "--device", "cuda", "--dtype", "bf16", "--batch", "512", "--seq-len", "128",
+                 "--seconds", "0", "--warmup", "3"],
+                env=env, capture_output=True, text=True, timeout=120)
+            with open(os.path.join(args.out, "ncu-bf16-512x128.csv"), "w") as f:
+                f.write(prof.stdout[-4_000_000:] + "\n# stderr\n" + prof.stderr[-20000:])
+            print("[gpu-check] wrote ncu-bf16-512x128.csv", flush=True)
+        except Exception as e:
+            print(f"[gpu-check] ncu skipped: {e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -72,13 +72,11 @@ impl Linear {
 
     fn forward(&self, x: &Tensor, mode: &Mode<'_>) -> Result<Tensor> {
         Ok(match mode {
-            // Off the CPU, training uses candle's own differentiable matmul (it also computes
-            // the frozen weight's gradient, which nothing reads: wasted work, not wrong).
-            Some(_) if x.device().is_cpu() => x.contiguous()?.apply_op1(train_ops::FrozenLinear {
+            None => x.matmul(&self.weight_t)?.broadcast_add(&self.bias)?,
+            Some(_) => x.contiguous()?.apply_op1(train_ops::FrozenLinear {
                 weight_t: self.weight_t.clone(),
                 bias: self.bias.clone(),
             })?,
-            _ => x.matmul(&self.weight_t)?.broadcast_add(&self.bias)?,
         })
     }
 }
@@ -115,12 +113,11 @@ impl LayerNorm {
     fn forward(&self, x: &Tensor, mode: &Mode<'_>) -> Result<Tensor> {
         Ok(match mode {
             None => candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps)?,
-            Some(_) if x.device().is_cpu() => x.contiguous()?.apply_op1(train_ops::LayerNorm {
+            Some(_) => x.contiguous()?.apply_op1(train_ops::LayerNorm {
                 weight: self.weight.clone(),
                 bias: self.bias.clone(),
                 eps: self.eps,
             })?,
-            Some(_) => train_ops::layer_norm_composed(x, &self.weight, &self.bias, self.eps)?,
         })
     }
 }
@@ -209,10 +206,7 @@ impl BertSelfAttention {
         let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&inputs.key_mask)?;
         let probs = match mode {
             None => candle_nn::ops::softmax_last_dim(&scores)?,
-            Some(_) if scores.device().is_cpu() => {
-                dropout(scores.contiguous()?.apply_op1(train_ops::Softmax)?, mode)?
-            }
-            Some(_) => dropout(candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?, mode)?,
+            Some(_) => dropout(scores.contiguous()?.apply_op1(train_ops::Softmax)?, mode)?,
         };
         let context = probs.matmul(&v)?; // [B, H, S, D]
         Ok(context
@@ -341,6 +335,13 @@ impl PrefixedBert {
             device: device.clone(),
             dtype,
         };
+        if dtype != DType::F32 && !super::fused::supports(c) {
+            return Err(ModelError::Device(format!(
+                "{}: half precision runs on the fused kernels, which need head and intermediate \
+                 sizes divisible by 8; use --dtype f32",
+                dir.display()
+            )));
+        }
         // The host path implements BERT's erf GELU in f32 only; the rest uses the fused path.
         if device.is_cpu() && dtype == DType::F32 && c.activation() == Activation::GeluErf {
             model.host = Some(model.host_weights()?);
@@ -438,7 +439,9 @@ impl PrefixedBert {
                     .map(<[f32]>::to_vec)
                     .collect())
             }
-            None if reference_path_forced() && self.dtype == DType::F32 => {
+            None if self.dtype == DType::F32
+                && (reference_path_forced() || !super::fused::supports(&self.config)) =>
+            {
                 self.pooled_reference(rows)
             }
             None => self.pooled_fused(rows),

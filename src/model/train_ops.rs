@@ -40,6 +40,40 @@ fn via_tensor(
     Ok((storage, shape))
 }
 
+/// The same wrapping for a CUDA input: the op's input copied into a tensor (device to device),
+/// the candle computation run on it, its result copied out as the op's storage.
+#[cfg(feature = "cuda")]
+fn via_tensor_cuda(
+    s: &candle_core::CudaStorage,
+    l: &Layout,
+    op: &str,
+    f: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<(candle_core::CudaStorage, Shape)> {
+    use candle_core::{op::BackpropOp, CudaStorage, Storage};
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: expected a contiguous input")
+    };
+    let dev = s.device.clone();
+    // SAFETY: filled by the copy below.
+    let mut copy = unsafe { dev.alloc::<f32>(b - a)? };
+    dev.memcpy_dtod(&s.as_cuda_slice::<f32>()?.slice(a..b), &mut copy)?;
+    let x = Tensor::from_storage(
+        Storage::Cuda(CudaStorage::wrap_cuda_slice(copy, dev.clone())),
+        l.shape(),
+        BackpropOp::none(),
+        false,
+    );
+    let y = f(&x)?.contiguous()?;
+    let (st, yl) = y.storage_and_layout();
+    let (Storage::Cuda(c), Some((ya, yb))) = (&*st, yl.contiguous_offsets()) else {
+        candle_core::bail!("{op}: expected a contiguous CUDA result")
+    };
+    // SAFETY: filled by the copy below.
+    let mut out = unsafe { dev.alloc::<f32>(yb - ya)? };
+    dev.memcpy_dtod(&c.as_cuda_slice::<f32>()?.slice(ya..yb), &mut out)?;
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), y.shape().clone()))
+}
+
 /// `x · Wᵀ + b` with a frozen weight: the backward returns `dy · W` and nothing for W or b.
 pub(crate) struct FrozenLinear {
     pub weight_t: Tensor,
@@ -53,6 +87,17 @@ impl CustomOp1 for FrozenLinear {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         via_tensor(s, l, self.name(), |x| {
+            x.matmul(&self.weight_t)?.broadcast_add(&self.bias)
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        via_tensor_cuda(s, l, self.name(), |x| {
             x.matmul(&self.weight_t)?.broadcast_add(&self.bias)
         })
     }
@@ -73,6 +118,15 @@ impl CustomOp1 for Softmax {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         via_tensor(s, l, self.name(), candle_nn::ops::softmax_last_dim)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        via_tensor_cuda(s, l, self.name(), candle_nn::ops::softmax_last_dim)
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -99,8 +153,22 @@ impl CustomOp1 for LayerNorm {
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        via_tensor_cuda(s, l, self.name(), |x| {
+            candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+        })
+    }
+
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let g = grad.broadcast_mul(&self.weight)?.contiguous()?;
+        if !arg.device().is_cpu() {
+            return Ok(Some(layer_norm_grad_composed(&arg.contiguous()?, &g, self.eps)?));
+        }
         Ok(Some(
             arg.contiguous()?
                 .apply_op2_no_bwd(&g, &LayerNormGrad { eps: self.eps })?,
@@ -153,16 +221,19 @@ impl CustomOp2 for LayerNormGrad {
     }
 }
 
-/// LayerNorm composed of candle's differentiable ops, for training off the CPU (where the custom
-/// op above has no kernel).
-pub(crate) fn layer_norm_composed(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
+/// [`LayerNormGrad`]'s formula in tensor ops, for devices without its CPU kernel.
+fn layer_norm_grad_composed(x: &Tensor, g: &Tensor, eps: f32) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let centered = x.broadcast_sub(&mean)?;
-    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-    centered
-        .broadcast_div(&(var + eps as f64)?.sqrt()?)?
-        .broadcast_mul(w)?
-        .broadcast_add(b)
+    let inv = (centered.sqr()?.mean_keepdim(D::Minus1)? + eps as f64)?
+        .sqrt()?
+        .recip()?;
+    let x_hat = centered.broadcast_mul(&inv)?;
+    let g_mean = g.mean_keepdim(D::Minus1)?;
+    let gx_mean = (g * &x_hat)?.mean_keepdim(D::Minus1)?;
+    g.broadcast_sub(&g_mean)?
+        .sub(&x_hat.broadcast_mul(&gx_mean)?)?
+        .broadcast_mul(&inv)
 }
 
 /// Inverted dropout with its own seeded generator, so a training run is reproducible.
@@ -293,20 +364,12 @@ mod tests {
             })
             .unwrap()
         });
-        // The composition the GPU trains with: same gradient, and the same forward as the op.
-        check("layer-norm-composed", |x| {
-            layer_norm_composed(x, &gamma, &beta, 1e-5).unwrap()
-        });
+        // The composed backward used off the CPU gives the CPU kernel's gradient.
         let x = Tensor::randn(0f32, 1.0, (3, 5), &dev).unwrap();
-        let op = x
-            .apply_op1(LayerNorm {
-                weight: gamma.clone(),
-                bias: beta.clone(),
-                eps: 1e-5,
-            })
-            .unwrap();
-        let composed = layer_norm_composed(&x, &gamma, &beta, 1e-5).unwrap();
-        let d = (op - composed).unwrap().abs().unwrap().max_all().unwrap();
+        let g = Tensor::randn(0f32, 1.0, (3, 5), &dev).unwrap();
+        let kernel = x.apply_op2_no_bwd(&g, &LayerNormGrad { eps: 1e-5 }).unwrap();
+        let composed = layer_norm_grad_composed(&x, &g, 1e-5).unwrap();
+        let d = (kernel - composed).unwrap().abs().unwrap().max_all().unwrap();
         assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
     }
 

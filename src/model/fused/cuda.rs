@@ -17,6 +17,37 @@ const MODULE: &str = "prefixd_fused";
 /// Row-per-warp kernels hold a row in registers: at most 32 values per lane.
 pub(crate) const MAX_ROW: usize = 32 * 32;
 const WARPS_PER_BLOCK: u32 = 4;
+/// The values-per-lane instances of the row-per-warp kernels (`ROW_KERNELS` in kernels.cu).
+const NV: [usize; 8] = [1, 2, 4, 8, 12, 16, 24, 32];
+
+/// The smallest kernel instance whose warp holds a row of `n` values.
+fn nv_for(n: usize) -> Result<usize> {
+    match NV.iter().find(|&&nv| n <= 32 * nv) {
+        Some(&nv) => Ok(nv),
+        None => bail!("fused kernels handle rows of at most {MAX_ROW} values, got {n}"),
+    }
+}
+
+/// Elements of `dtype` in one 16-byte pack: the vectorized kernels need sizes divisible by it.
+pub(crate) fn pack_len(dtype: DType) -> usize {
+    16 / dtype.size_in_bytes()
+}
+
+fn check_packs(what: &str, n: usize, dtype: DType) -> Result<()> {
+    if n % pack_len(dtype) != 0 {
+        bail!("fused kernels need {what} divisible by {}, got {n}", pack_len(dtype))
+    }
+    Ok(())
+}
+
+/// One block per row, enough threads for a row's 16-byte packs (at most 256).
+fn row_blocks(rows: usize, packs_per_row: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (packs_per_row.next_multiple_of(32).clamp(32, 256) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
 
 fn device(t: &Tensor) -> Result<CudaDevice> {
     match t.device() {
@@ -62,23 +93,6 @@ fn rows_config(rows: usize) -> LaunchConfig {
     }
 }
 
-/// A grid-stride launch over `n` elements, capped so huge tensors do not need huge grids.
-fn elems_config(n: usize) -> LaunchConfig {
-    const THREADS: u32 = 256;
-    LaunchConfig {
-        grid_dim: ((n as u32).div_ceil(THREADS).clamp(1, 65_535), 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-fn check_row(n: usize) -> Result<()> {
-    if n > MAX_ROW {
-        bail!("fused kernels handle rows of at most {MAX_ROW} values, got {n}")
-    }
-    Ok(())
-}
-
 macro_rules! by_dtype {
     ($dtype:expr, $f:ident, $($arg:expr),*) => {
         match $dtype {
@@ -117,7 +131,7 @@ pub(crate) fn embed_ln(
         let dev = device(word)?;
         let rows = ids.elem_count();
         let n = word.dim(1)?;
-        check_row(n)?;
+        let nv = nv_for(n)?;
         let (s_ids, l_ids) = ids.storage_and_layout();
         let (s_ty, l_ty) = types.storage_and_layout();
         let (s_pos, l_pos) = positions.storage_and_layout();
@@ -135,7 +149,7 @@ pub(crate) fn embed_ln(
         let (v_g, v_b) = (view::<T>(&s_g, l_g)?, view::<T>(&s_b, l_b)?);
         // SAFETY: every element is written by the kernel below.
         let mut out = unsafe { dev.alloc::<T>(rows * n)? };
-        let f = kernel!(dev, "embed_ln", word.dtype());
+        let f = kernel!(dev, format!("embed_ln_{nv}"), word.dtype());
         let (rows_i, n_i) = (rows as i32, n as i32);
         let mut b = f.builder();
         b.arg(&v_ids).arg(&v_ty).arg(&v_pos).arg(&v_w).arg(&v_t).arg(&v_p);
@@ -166,7 +180,7 @@ pub(crate) fn bias_residual_ln(
     ) -> Result<Tensor> {
         let dev = device(x)?;
         let (rows, n) = x.dims2()?;
-        check_row(n)?;
+        let nv = nv_for(n)?;
         if residual.dims() != x.dims() {
             bail!("bias_residual_ln: residual {:?} vs x {:?}", residual.dims(), x.dims())
         }
@@ -183,7 +197,7 @@ pub(crate) fn bias_residual_ln(
         let (v_g, v_b) = (view::<T>(&s_g, l_g)?, view::<T>(&s_b, l_b)?);
         // SAFETY: every element is written by the kernel below.
         let mut out = unsafe { dev.alloc::<T>(rows * n)? };
-        let f = kernel!(dev, "bias_residual_ln", x.dtype());
+        let f = kernel!(dev, format!("bias_residual_ln_{nv}"), x.dtype());
         let (rows_i, n_i) = (rows as i32, n as i32);
         let mut b = f.builder();
         b.arg(&v_x).arg(&v_bias).arg(&v_r).arg(&v_g).arg(&v_b);
@@ -200,23 +214,45 @@ pub(crate) fn bias_gelu(x: Tensor, bias: &Tensor) -> Result<Tensor> {
     fn go<T: CudaDType + DeviceRepr>(x: Tensor, bias: &Tensor) -> Result<Tensor> {
         let dev = device(&x)?;
         let (rows, cols) = x.dims2()?;
-        let total = rows * cols;
+        check_packs("the intermediate size", cols, x.dtype())?;
         let (s_x, l_x) = x.storage_and_layout();
         let (s_b, l_b) = bias.storage_and_layout();
         let (v_x, v_b) = (view::<T>(&s_x, l_x)?, view::<T>(&s_b, l_b)?);
         // SAFETY: every element is written by the kernel below.
-        let mut out = unsafe { dev.alloc::<T>(total)? };
+        let mut out = unsafe { dev.alloc::<T>(rows * cols)? };
         let f = kernel!(dev, "bias_gelu", x.dtype());
         let cols_i = cols as i32;
         let mut b = f.builder();
-        b.arg(&v_x).arg(&v_b).arg(&total).arg(&cols_i).arg(&mut out);
+        b.arg(&v_x).arg(&v_b).arg(&cols_i).arg(&mut out);
         // SAFETY: argument order and types match `bias_gelu_*` in kernels.cu.
-        unsafe { b.launch(elems_config(total)) }.w()?;
+        unsafe { b.launch(row_blocks(rows, cols / pack_len(x.dtype()))) }.w()?;
         drop(b);
         Ok(wrap(out, &dev, (rows, cols)))
     }
     let dtype = x.dtype();
     by_dtype!(dtype, go, x, bias)
+}
+
+/// `[B, H, S, D]` → `[B·S, H·D]`.
+pub(crate) fn merge_heads(ctx: &Tensor) -> Result<Tensor> {
+    fn go<T: CudaDType + DeviceRepr>(ctx: &Tensor) -> Result<Tensor> {
+        let dev = device(ctx)?;
+        let (b, h, s, d) = ctx.dims4()?;
+        check_packs("the head size", d, ctx.dtype())?;
+        let (st, l) = ctx.storage_and_layout();
+        let v = view::<T>(&st, l)?;
+        // SAFETY: every element is written by the kernel below.
+        let mut out = unsafe { dev.alloc::<T>(b * s * h * d)? };
+        let f = kernel!(dev, "merge_heads", ctx.dtype());
+        let (si, hi, di) = (s as i32, h as i32, d as i32);
+        let mut k = f.builder();
+        k.arg(&v).arg(&si).arg(&hi).arg(&di).arg(&mut out);
+        // SAFETY: argument order and types match `merge_heads_*` in kernels.cu.
+        unsafe { k.launch(row_blocks(b * s, h * d / pack_len(ctx.dtype()))) }.w()?;
+        drop(k);
+        Ok(wrap(out, &dev, (b * s, h * d)))
+    }
+    by_dtype!(ctx.dtype(), go, ctx)
 }
 
 /// Per-row device pointers to each row's task prefix and its length P, uploaded once per batch.
@@ -319,24 +355,25 @@ pub(crate) fn split_qkv(
         let mut q = unsafe { dev.alloc::<T>(b * h * s * hd)? };
         let mut k = unsafe { dev.alloc::<T>(b * h * t * hd)? };
         let mut v = unsafe { dev.alloc::<T>(b * h * t * hd)? };
-        let (bi, si, hi, di, pi, layer_i) =
-            (b as i32, s as i32, h as i32, hd as i32, p as i32, layer as i32);
+        check_packs("the head size", hd, qkv.dtype())?;
+        let packs = hd / pack_len(qkv.dtype());
+        let (si, hi, di, pi, layer_i) = (s as i32, h as i32, hd as i32, p as i32, layer as i32);
         {
             let f = kernel!(dev, "split_tokens", qkv.dtype());
             let mut l = f.builder();
-            l.arg(&v_qkv).arg(&v_bias).arg(&bi).arg(&si).arg(&hi).arg(&di).arg(&pi);
+            l.arg(&v_qkv).arg(&v_bias).arg(&si).arg(&hi).arg(&di).arg(&pi);
             l.arg(&mut q).arg(&mut k).arg(&mut v);
             // SAFETY: argument order and types match `split_tokens_*` in kernels.cu.
-            unsafe { l.launch(elems_config(b * s * 3 * h * hd)) }.w()?;
+            unsafe { l.launch(row_blocks(b * s, 3 * h * packs)) }.w()?;
         }
         if p > 0 {
             let f = kernel!(dev, "split_prefix", qkv.dtype());
             let mut l = f.builder();
-            l.arg(&table.ptrs).arg(&table.ps).arg(&layer_i).arg(&bi).arg(&si).arg(&hi);
+            l.arg(&table.ptrs).arg(&table.ps).arg(&layer_i).arg(&si).arg(&hi);
             l.arg(&di).arg(&pi).arg(&mut k).arg(&mut v);
             // SAFETY: argument order and types match `split_prefix_*` in kernels.cu; every
             // pointer in the table addresses a live [L, 2, H, P, D] tensor of this dtype.
-            unsafe { l.launch(elems_config(2 * b * h * p * hd)) }.w()?;
+            unsafe { l.launch(row_blocks(b * h, 2 * p * packs)) }.w()?;
         }
         Ok((
             wrap(q, &dev, (b, h, s, hd)),
@@ -351,14 +388,14 @@ pub(crate) fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Resu
     fn go<T: CudaDType + DeviceRepr>(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
         let dev = device(scores)?;
         let (b, h, s, t) = scores.dims4()?;
-        check_row(t)?;
+        let nv = nv_for(t)?;
         let rows = b * h * s;
         let (s_x, l_x) = scores.storage_and_layout();
         let (s_m, l_m) = mask.storage_and_layout();
         let (v_x, v_m) = (view::<T>(&s_x, l_x)?, view::<f32>(&s_m, l_m)?);
         // SAFETY: every element is written by the kernel below.
         let mut out = unsafe { dev.alloc::<T>(rows * t)? };
-        let f = kernel!(dev, "masked_softmax", scores.dtype());
+        let f = kernel!(dev, format!("masked_softmax_{nv}"), scores.dtype());
         let (scale_f, rows_i, per_b, t_i) = (scale as f32, rows as i32, (h * s) as i32, t as i32);
         let mut l = f.builder();
         l.arg(&v_x).arg(&v_m).arg(&scale_f).arg(&rows_i).arg(&per_b).arg(&t_i).arg(&mut out);

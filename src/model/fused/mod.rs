@@ -22,6 +22,13 @@ use super::bert::PrefixedBert;
 use super::{Activation, Result};
 use ops::{AttnDims, Prefixes};
 
+/// Whether the CUDA kernels can run this model: 16-byte packs need head and intermediate sizes
+/// divisible by 8, and a row-per-warp kernel holds at most 1024 values. (Every BERT checkpoint
+/// in use qualifies; the others run candle's op-by-op path in f32.)
+pub(crate) fn supports(c: &super::BertConfig) -> bool {
+    c.head_dim() % 8 == 0 && c.intermediate_size % 8 == 0 && c.hidden_size <= max_keys()
+}
+
 /// Most keys (P + S) one attention row may have on the CUDA path.
 pub(crate) fn max_keys() -> usize {
     #[cfg(feature = "cuda")]
@@ -60,7 +67,6 @@ pub(crate) fn pooled(m: &PrefixedBert, rows: &[EncoderRow<'_>], batch: &HostBatc
     let device: &Device = m.device();
     let (b, s) = (batch.rows, batch.seq_len);
     let n = b * s;
-    let hd = c.hidden_size;
     if batch.p_max + s > max_keys() {
         return Err(super::ModelError::Batch(format!(
             "{} keys per row exceed the fused kernels' {}",
@@ -99,11 +105,7 @@ pub(crate) fn pooled(m: &PrefixedBert, rows: &[EncoderRow<'_>], batch: &HostBatc
         let qkv = x.matmul(&att.qkv.weight_t)?;
         let (q, k, v) = ops::split_qkv(&qkv, &att.qkv.bias, &prefixes, l, &dims)?;
         let probs = ops::masked_softmax(&q.matmul(&k.t()?)?, &mask, scale)?;
-        let ctx = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((n, hd))?;
+        let ctx = ops::merge_heads(&probs.matmul(&v)?)?;
         let out = &layer.attention_output;
         x = ops::bias_residual_ln(
             &ctx.matmul(&out.dense.weight_t)?,

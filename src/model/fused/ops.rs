@@ -167,6 +167,16 @@ pub(crate) fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Resu
     candle_nn::ops::softmax_last_dim(&x.contiguous()?)?.to_dtype(scores.dtype())
 }
 
+/// `[B, H, S, D]` attention output → `[B·S, H·D]` rows.
+pub(crate) fn merge_heads(ctx: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if ctx.device().is_cuda() {
+        return super::cuda::merge_heads(ctx);
+    }
+    let (b, h, s, d) = ctx.dims4()?;
+    ctx.transpose(1, 2)?.contiguous()?.reshape((b * s, h * d))
+}
+
 /// `tanh(W · x + b)` of each row's first token: BERT's pooler, in f32. `x`: `[B·S, Hd]`.
 pub(crate) fn pooler(x: &Tensor, rows: usize, seq: usize, w_t: &Tensor, b: &Tensor) -> Result<Tensor> {
     let hd = x.dim(D::Minus1)?;
