@@ -223,7 +223,9 @@ def main():
     parity = {}
     if ref:
         for label, kw in [("f32_fused", {}), ("f32_reference_path", {"extra_env": {"PREFIXD_REFERENCE_PATH": "1"}}),
-                          ("bf16", {"dtype": "bf16"}), ("f16", {"dtype": "f16"})]:
+                          ("bf16", {"dtype": "bf16"}), ("f16", {"dtype": "f16"}),
+                          ("bf16_unfused_attention", {"dtype": "bf16", "extra_env": {"PREFIXD_ATTENTION": "unfused"}}),
+                          ("f16_unfused_attention", {"dtype": "f16", "extra_env": {"PREFIXD_ATTENTION": "unfused"}})]:
             r = step(f"parity_{label}")(lambda kw=kw: compare(prefixd_logits(**kw)))
             if r:
                 parity[label] = r
@@ -313,6 +315,17 @@ def main():
         ref_sps = json.loads(ref_path.strip().splitlines()[-1])["seq_per_s"]
         report["fused_vs_op_by_op"] = {"shape": f"{b}x{s}", "op_by_op_seq_per_s": ref_sps,
                                        "fused_seq_per_s": fused and fused["prefixd_seq_per_s"]}
+
+    # The tensor-core attention kernel against the batched-matmul attention, largest shape.
+    b, s = shapes[-1]
+    unf = step("prefixd_bf16_unfused_attention")(lambda: json.loads(sh(
+        [binary, "bench", "--model", model_dir, "--seconds", str(secs), "--batch", str(b), "--seq-len",
+         str(s), "--dtype", "bf16"] + pdev, dict(env, PREFIXD_ATTENTION="unfused"), timeout=240).strip().splitlines()[-1]))
+    if unf:
+        fused = next((r for r in rows if r["dtype"] == "bf16" and (r["batch"], r["seq_len"]) == (b, s)), None)
+        report["attention_kernel_vs_batched_matmuls_bf16"] = {
+            "shape": f"{b}x{s}", "batched_matmuls_seq_per_s": unf["seq_per_s"],
+            "attention_kernel_seq_per_s": fused and fused["prefixd_seq_per_s"]}
 
     # 32 tasks mixed in one batch vs one task.
     b, s = shapes[0]

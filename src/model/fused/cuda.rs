@@ -407,3 +407,56 @@ pub(crate) fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Resu
     by_dtype!(scores.dtype(), go, scores, mask, scale)
 }
 
+
+/// Whether the tensor-core attention kernel applies: half precision, head size 32 or 64, and
+/// not switched off with `PREFIXD_ATTENTION=unfused` (for comparing the two on a GPU).
+pub(crate) fn fused_attention_applies(dtype: DType, head_dim: usize) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off = *OFF.get_or_init(|| std::env::var("PREFIXD_ATTENTION").is_ok_and(|v| v == "unfused"));
+    !off && matches!(dtype, DType::BF16 | DType::F16) && matches!(head_dim, 32 | 64)
+}
+
+/// `softmax(q·Kᵀ · scale + mask) · V` in one kernel, written as merged-head rows `[B·S, H·D]`.
+/// q: `[B, H, S, D]`; k, v: `[B, H, T, D]`; mask: `[B, T]` f32.
+pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    fn go<T: CudaDType + DeviceRepr>(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        scale: f64,
+    ) -> Result<Tensor> {
+        const WARPS: usize = 4;
+        const QROWS: usize = 16;
+        let dev = device(q)?;
+        let (b, h, s, d) = q.dims4()?;
+        let t = k.dim(2)?;
+        if k.dims() != [b, h, t, d] || v.dims() != k.dims() || mask.dims() != [b, t] {
+            bail!("attention: q {:?} k {:?} v {:?} mask {:?}", q.dims(), k.dims(), v.dims(), mask.dims())
+        }
+        let (s_q, l_q) = q.storage_and_layout();
+        let (s_k, l_k) = k.storage_and_layout();
+        let (s_v, l_v) = v.storage_and_layout();
+        let (s_m, l_m) = mask.storage_and_layout();
+        let (v_q, v_k, v_v) = (view::<T>(&s_q, l_q)?, view::<T>(&s_k, l_k)?, view::<T>(&s_v, l_v)?);
+        let v_m = view::<f32>(&s_m, l_m)?;
+        // SAFETY: every element is written by the kernel below (each query row of each head).
+        let mut out = unsafe { dev.alloc::<T>(b * s * h * d)? };
+        let f = kernel!(dev, format!("attention_{d}"), q.dtype());
+        let (scale_f, hi, si, ti) = (scale as f32, h as i32, s as i32, t as i32);
+        let mut l = f.builder();
+        l.arg(&v_q).arg(&v_k).arg(&v_v).arg(&v_m).arg(&scale_f).arg(&hi).arg(&si).arg(&ti);
+        l.arg(&mut out);
+        let cfg = LaunchConfig {
+            grid_dim: ((b * h) as u32, s.div_ceil(WARPS * QROWS) as u32, 1),
+            block_dim: ((WARPS * 32) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument order and types match `attention_*` in kernels.cu; the kernel's
+        // shared memory is static (at most 48 KB, within every GPU's default limit).
+        unsafe { l.launch(cfg) }.w()?;
+        drop(l);
+        Ok(wrap(out, &dev, (b * s, h * d)))
+    }
+    by_dtype!(q.dtype(), go, q, k, v, mask, scale)
+}

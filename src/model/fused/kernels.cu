@@ -11,6 +11,8 @@
 //   merge_heads         [B, H, S, D] attention output back to [B·S, H·D] rows
 //   bias_residual_ln    dense bias + residual + LayerNorm
 //   bias_gelu           dense bias + exact (erf) GELU
+//   attention           (half precision) q·Kᵀ, scale, mask, softmax and ·V on the tensor cores in
+//                       one pass, written straight into merged-head rows
 // Storage is float, __half or __nv_bfloat16 (T); arithmetic is always float.
 //
 // Why the shapes of the launches: the first version indexed flat elements with 64-bit divisions
@@ -22,6 +24,7 @@
 
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#include <mma.h>
 #include <stdint.h>
 
 __device__ __forceinline__ float to_f(float x) { return x; }
@@ -291,3 +294,166 @@ __device__ void bias_gelu(const T* x, const T* bias, int cols, T* out) {
 INSTANTIATE(float, f32)
 INSTANTIATE(__half, f16)
 INSTANTIATE(__nv_bfloat16, bf16)
+
+// Fused attention for half precision on the tensor cores (WMMA, sm_80+), D = 32 or 64.
+//
+// Why: through cuBLAS, q·Kᵀ and probs·V are thousands of 128×148×32 products that cuBLAS runs
+// on an old WMMA kernel, and the [B, H, S, P+S] scores cross memory three times (written, read
+// and written by the softmax, read again): 45% of a 512 × 128 bf16 batch (ncu, H200). Here one
+// block takes 64 queries of one (row, head); each warp owns 16 of them. Keys and values go
+// through shared memory 64 at a time. Pass 1 computes the scores to find each query's max and
+// sum; pass 2 recomputes them, forms the probabilities (f32, rounded to T once, as PyTorch's
+// kernels do) and accumulates probs·V in tensor-core fragments, so nothing needs rescaling. The
+// output goes straight to merged-head rows [B·S, H·D].
+namespace fa {
+constexpr int WARPS = 4, QROWS = 16, CHUNK = 64;
+}
+
+template <typename T, int D>
+__device__ void attention(const T* q, const T* k, const T* v, const float* mask, float scale,
+                          int heads, int seq, int keys, T* out) {
+    using namespace nvcuda;
+    using namespace fa;
+    __shared__ __align__(32) T ks[CHUNK * D];
+    __shared__ __align__(32) T vs[CHUNK * D];
+    __shared__ __align__(32) T qs[WARPS][QROWS * D];
+    __shared__ __align__(32) T ps[WARPS][QROWS * CHUNK];
+    __shared__ __align__(32) float ss[WARPS][QROWS * CHUNK];
+    constexpr int V = Pack<T>::N;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int bh = blockIdx.x, b = bh / heads, h = bh - b * heads;
+    const int q0 = blockIdx.y * WARPS * QROWS + warp * QROWS;
+    const T* qb = q + (size_t)bh * seq * D;
+    const T* kb = k + (size_t)bh * keys * D;
+    const T* vb = v + (size_t)bh * keys * D;
+    const float* mb = mask + (size_t)b * keys;
+
+    // Stage this warp's 16 queries (zeros past the sequence end).
+    for (int i = lane; i < QROWS * D / V; i += 32) {
+        const int r = i / (D / V), c = i - r * (D / V);
+        Pack<T> x;
+        if (q0 + r < seq) {
+            x = reinterpret_cast<const Pack<T>*>(qb + (size_t)(q0 + r) * D)[c];
+        } else {
+#pragma unroll
+            for (int j = 0; j < V; j++) x.v[j] = from_f<T>(0.f);
+        }
+        reinterpret_cast<Pack<T>*>(qs[warp] + r * D)[c] = x;
+    }
+    __syncwarp();
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qa[D / 16];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) wmma::load_matrix_sync(qa[kk], qs[warp] + kk * 16, D);
+
+    // Loads keys (and values) c0 .. c0+63 into shared memory, zeros past the last key.
+    auto load_chunk = [&](int c0, bool values) {
+        for (int i = threadIdx.x; i < CHUNK * D / V; i += blockDim.x) {
+            const int r = i / (D / V), c = i - r * (D / V);
+            Pack<T> x, y;
+            if (c0 + r < keys) {
+                x = reinterpret_cast<const Pack<T>*>(kb + (size_t)(c0 + r) * D)[c];
+                if (values) y = reinterpret_cast<const Pack<T>*>(vb + (size_t)(c0 + r) * D)[c];
+            } else {
+#pragma unroll
+                for (int j = 0; j < V; j++) x.v[j] = y.v[j] = from_f<T>(0.f);
+            }
+            reinterpret_cast<Pack<T>*>(ks + r * D)[c] = x;
+            if (values) reinterpret_cast<Pack<T>*>(vs + r * D)[c] = y;
+        }
+    };
+    // This warp's 16 × 64 raw scores q·Kᵀ for the chunk in shared memory, into ss[warp].
+    auto scores = [&]() {
+#pragma unroll
+        for (int j = 0; j < CHUNK / 16; j++) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                // K is [key, D] row-major: as Kᵀ it is column-major with leading dimension D.
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> kf;
+                wmma::load_matrix_sync(kf, ks + j * 16 * D + kk * 16, D);
+                wmma::mma_sync(acc, qa[kk], kf, acc);
+            }
+            wmma::store_matrix_sync(ss[warp] + j * 16, acc, CHUNK, wmma::mem_row_major);
+        }
+        __syncwarp();
+    };
+    // Two lanes per query row, 32 columns each.
+    const int row = lane >> 1, half_ = lane & 1;
+    float m = -INFINITY, l = 0.f;
+    for (int c0 = 0; c0 < keys; c0 += CHUNK) {
+        __syncthreads();
+        load_chunk(c0, false);
+        __syncthreads();
+        scores();
+        for (int j = 0; j < 32; j++) {
+            const int col = half_ * 32 + j, key = c0 + col;
+            if (key >= keys) break;
+            const float s = ss[warp][row * CHUNK + col] * scale + mb[key];
+            if (s == -INFINITY) continue;
+            const float nm = fmaxf(m, s);
+            l = l * expf(m - nm) + expf(s - nm);
+            m = nm;
+        }
+        __syncwarp();
+    }
+    {
+        const float om = __shfl_xor_sync(0xffffffffu, m, 1), ol = __shfl_xor_sync(0xffffffffu, l, 1);
+        const float nm = fmaxf(m, om);
+        l = (m == -INFINITY ? 0.f : l * expf(m - nm)) + (om == -INFINITY ? 0.f : ol * expf(om - nm));
+        m = nm;
+    }
+    const float inv = 1.f / l;
+
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> o[D / 16];
+#pragma unroll
+    for (int n = 0; n < D / 16; n++) wmma::fill_fragment(o[n], 0.f);
+    for (int c0 = 0; c0 < keys; c0 += CHUNK) {
+        __syncthreads();
+        load_chunk(c0, true);
+        __syncthreads();
+        scores();
+        for (int j = 0; j < 32; j++) {
+            const int col = half_ * 32 + j, key = c0 + col;
+            const float p = key < keys
+                                ? expf(ss[warp][row * CHUNK + col] * scale + mb[key] - m) * inv
+                                : 0.f;
+            ps[warp][row * CHUNK + col] = from_f<T>(p);
+        }
+        __syncwarp();
+#pragma unroll
+        for (int kk = 0; kk < CHUNK / 16; kk++) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pf;
+            wmma::load_matrix_sync(pf, ps[warp] + kk * 16, CHUNK);
+#pragma unroll
+            for (int n = 0; n < D / 16; n++) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vf;
+                wmma::load_matrix_sync(vf, vs + kk * 16 * D + n * 16, D);
+                wmma::mma_sync(o[n], pf, vf, o[n]);
+            }
+        }
+    }
+    // Out through shared memory into merged-head rows.
+    __syncwarp();
+#pragma unroll
+    for (int n = 0; n < D / 16; n++)
+        wmma::store_matrix_sync(ss[warp] + n * 16, o[n], D, wmma::mem_row_major);
+    __syncwarp();
+    const int hd = heads * D;
+    for (int i = lane; i < QROWS * D; i += 32) {
+        const int r = i / D, c = i - r * D;
+        if (q0 + r < seq)
+            out[((size_t)b * seq + q0 + r) * hd + h * D + c] = from_f<T>(ss[warp][r * D + c]);
+    }
+}
+
+#define ATTENTION(T, SUF, D)                                                                     \
+    extern "C" __global__ void __launch_bounds__(fa::WARPS * 32) attention_##D##_##SUF(         \
+        const T* q, const T* k, const T* v, const float* mask, float scale, int heads, int seq, \
+        int keys, T* out) {                                                                      \
+        attention<T, D>(q, k, v, mask, scale, heads, seq, keys, out);                           \
+    }
+ATTENTION(__half, f16, 32)
+ATTENTION(__half, f16, 64)
+ATTENTION(__nv_bfloat16, bf16, 32)
+ATTENTION(__nv_bfloat16, bf16, 64)

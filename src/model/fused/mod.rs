@@ -2,10 +2,11 @@
 //! in half precision, or where the host path does not apply).
 //!
 //! Per layer: QKV matmul → `split_qkv` (bias, heads, each row's prefix placed in front of its
-//! keys/values) → batched `q·Kᵀ` → `masked_softmax` → batched `probs·V` → merge heads → output
-//! matmul → `bias_residual_ln` → intermediate matmul → `bias_gelu` → output matmul →
-//! `bias_residual_ln`. Eleven launches a layer, where candle's op-by-op chain takes over twenty,
-//! and every bias, scale, mask and residual rides along with a pass that happens anyway.
+//! keys/values) → `attention` (in half precision one tensor-core kernel; in f32 batched `q·Kᵀ`,
+//! `masked_softmax`, batched `probs·V`, head merge) → output matmul → `bias_residual_ln` →
+//! intermediate matmul → `bias_gelu` → output matmul → `bias_residual_ln`. Eight to eleven
+//! launches a layer, where candle's op-by-op chain takes over twenty, and every bias, scale, mask
+//! and residual rides along with a pass that happens anyway.
 //!
 //! Task prefixes live on the device once per task (`PrefixKv::tensor_on`), so a batch uploads only
 //! its token ids, its mask and a per-row table — never the prefixes themselves.
@@ -104,8 +105,7 @@ pub(crate) fn pooled(m: &PrefixedBert, rows: &[EncoderRow<'_>], batch: &HostBatc
         let att = &layer.attention;
         let qkv = x.matmul(&att.qkv.weight_t)?;
         let (q, k, v) = ops::split_qkv(&qkv, &att.qkv.bias, &prefixes, l, &dims)?;
-        let probs = ops::masked_softmax(&q.matmul(&k.t()?)?, &mask, scale)?;
-        let ctx = ops::merge_heads(&probs.matmul(&v)?)?;
+        let ctx = ops::attention(&q, &k, &v, &mask, scale)?;
         let out = &layer.attention_output;
         x = ops::bias_residual_ln(
             &ctx.matmul(&out.dense.weight_t)?,

@@ -167,6 +167,18 @@ pub(crate) fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Resu
     candle_nn::ops::softmax_last_dim(&x.contiguous()?)?.to_dtype(scores.dtype())
 }
 
+/// `softmax(q·Kᵀ · scale + mask) · V` as merged-head rows `[B·S, H·D]`: one tensor-core kernel
+/// in half precision on a GPU; elsewhere the scores go through memory (batched matmul, fused
+/// masked softmax, batched matmul, head merge).
+pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() && super::cuda::fused_attention_applies(q.dtype(), q.dim(3)?) {
+        return super::cuda::attention(q, k, v, mask, scale);
+    }
+    let probs = masked_softmax(&q.matmul(&k.t()?)?, mask, scale)?;
+    merge_heads(&probs.matmul(v)?)
+}
+
 /// `[B, H, S, D]` attention output → `[B·S, H·D]` rows.
 pub(crate) fn merge_heads(ctx: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
