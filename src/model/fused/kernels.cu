@@ -378,32 +378,33 @@ __device__ void attention(const T* q, const T* k, const T* v, const float* mask,
         }
         __syncwarp();
     };
-    // Two lanes per query row, 32 columns each.
-    const int row = lane >> 1, half_ = lane & 1;
-    float m = -INFINITY, l = 0.f;
+    // Softmax statistics, lane = column: a warp walks its 16 rows, each lane reading columns
+    // `lane` and `lane + 32` (consecutive lanes, consecutive banks), reducing across the warp.
+    // Every lane ends up holding every row's max and sum (registers: the loops are unrolled).
+    // (A first version gave each row two lanes and 32 columns each: every shared-memory read
+    // was a 32-way bank conflict, and the kernel ran at half the speed of cuBLAS + softmax.)
+    float m[QROWS], l[QROWS];
+#pragma unroll
+    for (int r = 0; r < QROWS; r++) m[r] = -INFINITY, l[r] = 0.f;
     for (int c0 = 0; c0 < keys; c0 += CHUNK) {
         __syncthreads();
         load_chunk(c0, false);
         __syncthreads();
         scores();
-        for (int j = 0; j < 32; j++) {
-            const int col = half_ * 32 + j, key = c0 + col;
-            if (key >= keys) break;
-            const float s = ss[warp][row * CHUNK + col] * scale + mb[key];
-            if (s == -INFINITY) continue;
-            const float nm = fmaxf(m, s);
-            l = l * expf(m - nm) + expf(s - nm);
-            m = nm;
+        const float mk0 = c0 + lane < keys ? mb[c0 + lane] : -INFINITY;
+        const float mk1 = c0 + 32 + lane < keys ? mb[c0 + 32 + lane] : -INFINITY;
+#pragma unroll
+        for (int r = 0; r < QROWS; r++) {
+            const float s0 = ss[warp][r * CHUNK + lane] * scale + mk0;
+            const float s1 = ss[warp][r * CHUNK + 32 + lane] * scale + mk1;
+            const float cm = warp_max(fmaxf(s0, s1));
+            if (cm == -INFINITY) continue; // the whole chunk masked for every query
+            const float nm = fmaxf(m[r], cm);
+            l[r] = l[r] * expf(m[r] - nm) + warp_sum(expf(s0 - nm) + expf(s1 - nm));
+            m[r] = nm;
         }
         __syncwarp();
     }
-    {
-        const float om = __shfl_xor_sync(0xffffffffu, m, 1), ol = __shfl_xor_sync(0xffffffffu, l, 1);
-        const float nm = fmaxf(m, om);
-        l = (m == -INFINITY ? 0.f : l * expf(m - nm)) + (om == -INFINITY ? 0.f : ol * expf(om - nm));
-        m = nm;
-    }
-    const float inv = 1.f / l;
 
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> o[D / 16];
 #pragma unroll
@@ -413,12 +414,15 @@ __device__ void attention(const T* q, const T* k, const T* v, const float* mask,
         load_chunk(c0, true);
         __syncthreads();
         scores();
-        for (int j = 0; j < 32; j++) {
-            const int col = half_ * 32 + j, key = c0 + col;
-            const float p = key < keys
-                                ? expf(ss[warp][row * CHUNK + col] * scale + mb[key] - m) * inv
-                                : 0.f;
-            ps[warp][row * CHUNK + col] = from_f<T>(p);
+        const float mk0 = c0 + lane < keys ? mb[c0 + lane] : -INFINITY;
+        const float mk1 = c0 + 32 + lane < keys ? mb[c0 + 32 + lane] : -INFINITY;
+#pragma unroll
+        for (int r = 0; r < QROWS; r++) {
+            const float inv = 1.f / l[r];
+            const float s0 = ss[warp][r * CHUNK + lane] * scale + mk0;
+            const float s1 = ss[warp][r * CHUNK + 32 + lane] * scale + mk1;
+            ps[warp][r * CHUNK + lane] = from_f<T>(expf(s0 - m[r]) * inv);
+            ps[warp][r * CHUNK + 32 + lane] = from_f<T>(expf(s1 - m[r]) * inv);
         }
         __syncwarp();
 #pragma unroll
