@@ -11,8 +11,8 @@
 //   merge_heads         [B, H, S, D] attention output back to [B·S, H·D] rows
 //   bias_residual_ln    dense bias + residual + LayerNorm
 //   bias_gelu           dense bias + exact (erf) GELU
-//   attention           (half precision) q·Kᵀ, scale, mask, softmax and ·V on the tensor cores in
-//                       one pass, written straight into merged-head rows
+//   attention           (half precision, opt-in) q·Kᵀ, scale, mask, softmax and ·V on the tensor
+//                       cores in one kernel, written straight into merged-head rows
 // Storage is float, __half or __nv_bfloat16 (T); arithmetic is always float.
 //
 // Why the shapes of the launches: the first version indexed flat elements with 64-bit divisions

@@ -2,11 +2,10 @@
 //! in half precision, or where the host path does not apply).
 //!
 //! Per layer: QKV matmul → `split_qkv` (bias, heads, each row's prefix placed in front of its
-//! keys/values) → `attention` (in half precision one tensor-core kernel; in f32 batched `q·Kᵀ`,
-//! `masked_softmax`, batched `probs·V`, head merge) → output matmul → `bias_residual_ln` →
-//! intermediate matmul → `bias_gelu` → output matmul → `bias_residual_ln`. Eight to eleven
-//! launches a layer, where candle's op-by-op chain takes over twenty, and every bias, scale, mask
-//! and residual rides along with a pass that happens anyway.
+//! keys/values) → `attention` (batched `q·Kᵀ`, `masked_softmax`, batched `probs·V`, head merge)
+//! → output matmul → `bias_residual_ln` → intermediate matmul → `bias_gelu` → output matmul →
+//! `bias_residual_ln`. Eleven launches a layer, where candle's op-by-op chain takes over twenty,
+//! and every bias, scale, mask and residual rides along with a pass that happens anyway.
 //!
 //! Task prefixes live on the device once per task (`PrefixKv::tensor_on`), so a batch uploads only
 //! its token ids, its mask and a per-row table — never the prefixes themselves.

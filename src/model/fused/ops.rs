@@ -167,9 +167,9 @@ pub(crate) fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Resu
     candle_nn::ops::softmax_last_dim(&x.contiguous()?)?.to_dtype(scores.dtype())
 }
 
-/// `softmax(q·Kᵀ · scale + mask) · V` as merged-head rows `[B·S, H·D]`: one tensor-core kernel
-/// in half precision on a GPU; elsewhere the scores go through memory (batched matmul, fused
-/// masked softmax, batched matmul, head merge).
+/// `softmax(q·Kᵀ · scale + mask) · V` as merged-head rows `[B·S, H·D]`: batched matmul, fused
+/// masked softmax, batched matmul, head merge (or, opted into on a GPU in half precision, one
+/// tensor-core kernel: see `cuda::fused_attention_applies`).
 pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if q.device().is_cuda() && super::cuda::fused_attention_applies(q.dtype(), q.dim(3)?) {
