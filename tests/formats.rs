@@ -6,7 +6,8 @@ mod common;
 use common::{cases, engine, fixtures_dir, CASES};
 use prefixd::engine::TextInput;
 use prefixd::prefix::peft::{self, ImportOptions};
-use prefixd::prefix::{HostTensor, PrefixFile, ProblemType, Task};
+use prefixd::engine::Task;
+use prefixd::prefix::{HostTensor, PrefixFile, ProblemType};
 
 fn import(case: &str, opts: &ImportOptions) -> PrefixFile {
     peft::import_dir(&fixtures_dir().join(case), opts, engine().model_info())

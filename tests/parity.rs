@@ -5,7 +5,7 @@ mod common;
 
 use common::{argmax, cases, engine, fixtures_dir, max_abs_diff, Case, CASES};
 use prefixd::engine::{Encoded, Row};
-use prefixd::prefix::Task;
+use prefixd::engine::Task;
 
 const TOL: f32 = 1e-4;
 

@@ -6,9 +6,10 @@ mod common;
 
 use common::{engine, model_dir};
 use prefixd::engine::TextInput;
-use prefixd::prefix::{peft, Task};
+use prefixd::engine::Task;
+use prefixd::prefix::peft;
 use prefixd::training::data::{self, Columns, LabelSpec};
-use prefixd::training::{gradient_norms, train, TrainConfig};
+use prefixd::training::{gradient_norms, train, Quiet, TrainConfig};
 use std::path::PathBuf;
 
 fn data_dir() -> PathBuf {
@@ -79,7 +80,7 @@ fn loss_falls_only_prefix_and_head_change_and_the_seed_fixes_the_file() {
     let probe_input = [TextInput::single("a fixed probe sentence")];
     let before = engine().classify_texts(&probe, &probe_input, 1).unwrap();
 
-    let (file, report) = train(engine(), &ds, Some(&ds), &cfg, false).unwrap();
+    let (file, report) = train(engine(), &ds, Some(&ds), &cfg, &mut Quiet).unwrap();
     let losses: Vec<f64> = report.epochs.iter().map(|e| e.train_loss).collect();
     assert!(
         losses.windows(2).all(|w| w[1] < w[0]) && losses[9] < losses[0] * 0.7,
@@ -109,7 +110,7 @@ fn loss_falls_only_prefix_and_head_change_and_the_seed_fixes_the_file() {
     );
 
     // Same seed, same bytes; another seed, another prefix.
-    let (again, _) = train(engine(), &ds, Some(&ds), &cfg, false).unwrap();
+    let (again, _) = train(engine(), &ds, Some(&ds), &cfg, &mut Quiet).unwrap();
     assert!(
         again.to_bytes().unwrap() == file.to_bytes().unwrap(),
         "same seed, different file"
@@ -123,7 +124,7 @@ fn loss_falls_only_prefix_and_head_change_and_the_seed_fixes_the_file() {
         &ds,
         None,
         &TrainConfig { epochs: 1, ..other },
-        false,
+        &mut Quiet,
     )
     .unwrap();
     assert_ne!(different.prompt_embeddings, file.prompt_embeddings);
@@ -138,7 +139,7 @@ fn projection_trains_and_folds_away_and_peft_round_trip_keeps_logits() {
         epochs: 2,
         ..tiny_config()
     };
-    let (file, _) = train(engine(), &ds, None, &cfg, false).unwrap();
+    let (file, _) = train(engine(), &ds, None, &cfg, &mut Quiet).unwrap();
     // Folded: the stored prefix has PEFT's final shape, whatever the MLP was.
     assert_eq!(file.prompt_embeddings.shape, vec![4, 6 * 2 * 384]);
     assert_eq!(file.meta.source.details["prefix_projection"], true);

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use super::ModelArgs;
 use crate::engine::{Encoded, Engine, Row, TextInput};
 use crate::prefix::synthetic::random_prefix;
-use crate::prefix::Task;
+use crate::engine::Task;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use super::ModelArgs;
 use crate::engine::{Engine, Row, TextInput};
-use crate::prefix::Task;
+use crate::engine::Task;
 
 #[derive(Debug, clap::Args)]
 pub struct ClassifyArgs {

@@ -8,7 +8,7 @@ use crate::engine::{Engine, EngineConfig};
 use crate::prefix::peft;
 use crate::training::data::{self, Columns, LabelSpec};
 use crate::training::evaluate::evaluate;
-use crate::training::{train, TrainConfig};
+use crate::training::{train, EpochReport, Quiet, TrainConfig, TrainObserver};
 
 /// Which columns hold the text, the optional second text, and the label.
 #[derive(Debug, Clone, clap::Args)]
@@ -167,7 +167,9 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         cfg.batch_size,
         cfg.lr
     );
-    let (file, report) = train(&engine, &train_set, eval_set.as_ref(), &cfg, !args.quiet)?;
+    let mut bar = ProgressOutput::default();
+    let observer: &mut dyn TrainObserver = if args.quiet { &mut Quiet } else { &mut bar };
+    let (file, report) = train(&engine, &train_set, eval_set.as_ref(), &cfg, observer)?;
     if let Some(dir) = args.output.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
@@ -187,6 +189,50 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         metrics_path.display()
     );
     Ok(())
+}
+
+/// A progress bar per epoch and a summary line after it, on stderr.
+#[derive(Default)]
+struct ProgressOutput {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl TrainObserver for ProgressOutput {
+    fn epoch_started(&mut self, epoch: usize, epochs: usize, steps: usize) {
+        let bar = indicatif::ProgressBar::new(steps as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(format!("epoch {epoch}/{epochs}"));
+        self.bar = Some(bar);
+    }
+
+    fn step_done(&mut self, mean_loss: f64, examples_per_s: f64) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(format!("loss {mean_loss:.4}  {examples_per_s:.1} ex/s"));
+            bar.inc(1);
+        }
+    }
+
+    fn epoch_done(&mut self, r: &EpochReport) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        let eval_text = r.eval.as_ref().map_or(String::new(), |e| {
+            format!(
+                "  eval accuracy {:.4}  macro-F1 {:.4}  loss {:.4}",
+                e.accuracy, e.macro_f1, e.loss
+            )
+        });
+        eprintln!(
+            "epoch {}: train loss {:.4}  {:.1} ex/s  {:.1} s{eval_text}",
+            r.epoch, r.train_loss, r.examples_per_s, r.seconds
+        );
+    }
 }
 
 /// `dir/name.safetensors` → `dir/name.metrics.json`.

@@ -5,15 +5,17 @@
 //! a dedicated model thread.
 
 mod predict;
+mod task;
 mod tokenize;
 
 pub use predict::{argmax, sigmoid, softmax, Prediction};
+pub use task::{Head, Task};
 pub use tokenize::{Encoded, TextEncoder, TextInput};
 
 use std::path::{Path, PathBuf};
 
 use crate::model::{DeviceSpec, EncoderRow, ModelError, ModelInfo, Precision, PrefixedBert};
-use crate::prefix::{PrefixError, Task};
+use crate::prefix::PrefixError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

@@ -2,7 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::prefix::{ProblemType, Task};
+use crate::prefix::ProblemType;
+use crate::engine::Task;
 
 /// One classified input.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -92,7 +92,7 @@ impl TextEncoder {
     }
 
     /// Encodes one input for `task`: its P, and the truncation length it was trained with.
-    pub fn encode_for(&self, input: &TextInput, task: &crate::prefix::Task) -> Result<Encoded> {
+    pub fn encode_for(&self, input: &TextInput, task: &crate::engine::Task) -> Result<Encoded> {
         self.encode_capped(input, task.num_virtual_tokens(), task.meta.max_length)
     }
 

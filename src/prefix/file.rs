@@ -8,6 +8,7 @@ use std::path::Path;
 use super::meta::{PrefixMeta, FORMAT_VERSION, META_KEY};
 use super::tensors::{self, expect_shape, HostTensor};
 use super::{PrefixError, Result};
+use crate::model::ModelInfo;
 
 pub const PROMPT_EMBEDDINGS: &str = "prompt_embeddings";
 pub const CLASSIFIER_WEIGHT: &str = "base_model.classifier.weight";
@@ -197,4 +198,39 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result.map_err(io)
+}
+
+/// Checks a prefix file against the loaded model: dimensions, room for input after P positions,
+/// and (when recorded) the base weights' fingerprint.
+pub fn check_against_model(file: &PrefixFile, model: &ModelInfo) -> Result<()> {
+    let base = &file.meta.base_model;
+    for (what, prefix, model) in [
+        ("layers", base.layers, model.layers),
+        ("hidden size", base.hidden, model.hidden),
+        ("attention heads", base.heads, model.heads),
+    ] {
+        if prefix != model {
+            return Err(PrefixError::ModelMismatch {
+                what,
+                prefix,
+                model,
+            });
+        }
+    }
+    let p = file.meta.num_virtual_tokens;
+    if p + 2 > model.max_positions {
+        return Err(PrefixError::TooManyVirtualTokens {
+            p,
+            max: model.max_positions,
+        });
+    }
+    if let Some(fp) = &base.fingerprint {
+        if fp != &model.fingerprint {
+            return Err(PrefixError::Fingerprint {
+                prefix: fp.clone(),
+                model: model.fingerprint.clone(),
+            });
+        }
+    }
+    Ok(())
 }

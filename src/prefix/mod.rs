@@ -1,22 +1,19 @@
-//! Task prefixes: the native file format, PEFT import/export, and the validated in-memory [`Task`].
+//! Task prefix files: the native format and PEFT import/export.
 //!
 //! A prefix file is checked twice: on its own (it parses, shapes agree with its metadata, values
 //! are finite) when read, and against a loaded model (dimensions, positions, fingerprint) when it
-//! becomes a [`Task`]. Every failure names the file's problem in words a user can act on.
+//! becomes an [`crate::engine::Task`]. Every failure names the file's problem in words a user can act on.
 
 mod file;
 mod meta;
 pub mod peft;
-pub mod registry;
 pub mod synthetic;
-mod task;
 mod tensors;
 
-pub use file::{write_atomic, PrefixFile};
+pub use file::{check_against_model, write_atomic, PrefixFile};
 pub use meta::{
     default_labels, BaseModel, PrefixMeta, ProblemType, Source, FORMAT_VERSION, META_KEY,
 };
-pub use task::{Head, Task};
 pub use tensors::HostTensor;
 
 use std::path::PathBuf;

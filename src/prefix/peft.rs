@@ -190,7 +190,7 @@ pub fn import_bytes(
         max_length: None,
     };
     let file = PrefixFile::new(meta, prompt, weight, bias)?;
-    super::task::check_against_model(&file, model)?;
+    super::check_against_model(&file, model)?;
     Ok(file)
 }
 

@@ -11,7 +11,7 @@ use super::api::TaskInfo;
 use super::error::{ApiError, ErrorBody};
 use super::AppState;
 use crate::prefix::peft::{ImportOptions, CONFIG_FILE, WEIGHTS_FILE};
-use crate::prefix::registry::RegistryError;
+use crate::serving::registry::RegistryError;
 use crate::prefix::ProblemType;
 
 /// Proof that the request carries the admin token. Rejects before the body is read.

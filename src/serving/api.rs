@@ -16,7 +16,7 @@ use super::batcher::Job;
 use super::error::{ApiError, ErrorBody};
 use super::AppState;
 use crate::engine::{Prediction, TextInput};
-use crate::prefix::registry::Loaded;
+use crate::serving::registry::Loaded;
 
 /// A classify request.
 #[derive(Debug, Deserialize, ToSchema)]

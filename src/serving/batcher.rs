@@ -20,7 +20,7 @@ use tokio::sync::oneshot;
 
 use super::metrics::Metrics;
 use crate::engine::{Encoded, Engine, Prediction, Row};
-use crate::prefix::Task;
+use crate::engine::Task;
 
 #[derive(Debug, Clone)]
 pub struct BatcherConfig {

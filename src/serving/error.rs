@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::batcher::SubmitError;
-use crate::prefix::registry::RegistryError;
+use crate::serving::registry::RegistryError;
 
 /// The body of every error response.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

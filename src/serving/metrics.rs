@@ -6,7 +6,7 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
-use crate::prefix::registry::{LoadOrigin, RegistryObserver};
+use crate::serving::registry::{LoadOrigin, RegistryObserver};
 
 pub struct Metrics {
     registry: Registry,

@@ -12,6 +12,7 @@ mod body;
 mod error;
 mod metrics;
 mod openapi;
+pub mod registry;
 
 pub use api::{ClassifyResponse, ClassifyResult, TaskInfo};
 pub use batcher::{Batcher, BatcherConfig};
@@ -35,9 +36,9 @@ use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 
 use crate::engine::{Engine, EngineConfig, Row, TextEncoder, TextInput};
-use crate::prefix::registry::{Registry, RegistryObserver};
+use crate::serving::registry::{Registry, RegistryObserver};
 use crate::prefix::synthetic::random_prefix;
-use crate::prefix::Task;
+use crate::engine::Task;
 
 /// Limits on what one request may ask.
 #[derive(Debug, Clone)]

@@ -4,7 +4,7 @@ use serde::Serialize;
 
 use super::data::Example;
 use crate::engine::{Engine, EngineError, TextInput};
-use crate::prefix::Task;
+use crate::engine::Task;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ClassReport {

@@ -16,8 +16,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
-use super::peft::{self, ImportOptions};
-use super::{write_atomic, PrefixError, PrefixFile, Task};
+use crate::engine::Task;
+use crate::prefix::peft::{self, ImportOptions};
+use crate::prefix::{write_atomic, PrefixError, PrefixFile};
 use crate::model::ModelInfo;
 
 pub const EXTENSION: &str = "safetensors";

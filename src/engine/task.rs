@@ -2,10 +2,10 @@
 
 use sha2::{Digest, Sha256};
 
-use super::file::PrefixFile;
-use super::meta::{PrefixMeta, ProblemType};
-use super::{PrefixError, Result};
 use crate::model::{ModelInfo, PrefixKv};
+use crate::prefix::{check_against_model, HostTensor, PrefixError, PrefixFile, PrefixMeta, ProblemType};
+
+type Result<T> = std::result::Result<T, PrefixError>;
 
 /// The task's classifier head, applied to the pooled vector on the host: a few thousand
 /// multiply-adds per row, not worth a device round trip.
@@ -108,51 +108,18 @@ impl Task {
         let width = self.meta.base_model.layers * 2 * hd;
         PrefixFile::new(
             self.meta.clone(),
-            super::tensors::HostTensor {
+            HostTensor {
                 shape: vec![p, width],
                 data: self.prefix.to_peft_layout(),
             },
-            super::tensors::HostTensor {
+            HostTensor {
                 shape: vec![self.head.num_labels(), hd],
                 data: self.head.weight.clone(),
             },
-            super::tensors::HostTensor {
+            HostTensor {
                 shape: vec![self.head.num_labels()],
                 data: self.head.bias.clone(),
             },
         )
     }
-}
-
-pub(crate) fn check_against_model(file: &PrefixFile, model: &ModelInfo) -> Result<()> {
-    let base = &file.meta.base_model;
-    for (what, prefix, model) in [
-        ("layers", base.layers, model.layers),
-        ("hidden size", base.hidden, model.hidden),
-        ("attention heads", base.heads, model.heads),
-    ] {
-        if prefix != model {
-            return Err(PrefixError::ModelMismatch {
-                what,
-                prefix,
-                model,
-            });
-        }
-    }
-    let p = file.meta.num_virtual_tokens;
-    if p + 2 > model.max_positions {
-        return Err(PrefixError::TooManyVirtualTokens {
-            p,
-            max: model.max_positions,
-        });
-    }
-    if let Some(fp) = &base.fingerprint {
-        if fp != &model.fingerprint {
-            return Err(PrefixError::Fingerprint {
-                prefix: fp.clone(),
-                model: model.fingerprint.clone(),
-            });
-        }
-    }
-    Ok(())
 }
