@@ -3,11 +3,13 @@ use clap::Parser;
 /// Every tensor op allocates its output, and attention tensors in training reach tens of MB.
 /// glibc maps blocks that large afresh each time, so the kernel faults in and zeroes every page
 /// again (measured: a third of a training step on sentence pairs, in the kernel). mimalloc keeps
-/// freed memory for reuse; with purging off it never hands it back, so steady-state steps touch
-/// no new pages.
+/// freed memory for reuse.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// For the compute-bound commands (train, bench): purging off, so freed memory is never handed
+/// back and steady-state steps touch no new pages. Not for `serve`: a server must give back the
+/// memory a burst of large request bodies took.
 fn keep_freed_memory() {
     /// `mi_option_purge_delay` in mimalloc 2 and 3 (`mimalloc.h`); -1 means never purge.
     const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
@@ -26,9 +28,14 @@ fn one_elementwise_pool_thread() {
 }
 
 fn main() -> std::process::ExitCode {
-    keep_freed_memory();
     one_elementwise_pool_thread();
     let cli = prefixd::cli::Cli::parse();
+    if matches!(
+        cli.command,
+        prefixd::cli::Command::Train(_) | prefixd::cli::Command::Bench(_)
+    ) {
+        keep_freed_memory();
+    }
     prefixd::cli::init_tracing(cli.verbose);
     match prefixd::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,

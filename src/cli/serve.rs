@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::ModelArgs;
-use crate::serving::{BatcherConfig, RequestLimits, ServeConfig};
+use crate::serving::{BatcherConfig, ConnConfig, InputLimits, RequestLimits, ServeConfig};
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
@@ -41,12 +41,43 @@ pub struct ServeArgs {
     /// Most bytes in an admin upload.
     #[arg(long, env = "PREFIXD_MAX_UPLOAD_BYTES", default_value_t = 64 << 20)]
     pub max_upload_bytes: usize,
-    /// Seconds that queued and in-flight requests get to finish after SIGTERM/SIGINT.
+    /// Seconds a request body may pause between two pieces before the request gets 408.
+    #[arg(long, env = "PREFIXD_BODY_IDLE_TIMEOUT", default_value_t = 10.0)]
+    pub body_idle_timeout: f64,
+    /// Seconds a whole request body may take.
+    #[arg(long, env = "PREFIXD_BODY_TIMEOUT", default_value_t = 300.0)]
+    pub body_timeout: f64,
+    /// Admin uploads read or installed at once; more get 429.
+    #[arg(long, env = "PREFIXD_MAX_CONCURRENT_UPLOADS", default_value_t = 2)]
+    pub max_concurrent_uploads: usize,
+    /// Most open connections; past it, new clients wait to be accepted.
+    #[arg(long, env = "PREFIXD_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers; also how long an idle kept-alive
+    /// connection stays open.
+    #[arg(long, env = "PREFIXD_HEADER_TIMEOUT", default_value_t = 10.0)]
+    pub header_timeout: f64,
+    /// After SIGTERM/SIGINT: seconds during which /ready answers 503 but requests are still
+    /// accepted and served (set it to the load balancer's reaction time, e.g. on Kubernetes).
+    #[arg(long, env = "PREFIXD_DRAIN_DELAY", default_value_t = 0.0)]
+    pub drain_delay: f64,
+    /// Then: seconds that in-flight and queued requests get to finish; rows still queued at the
+    /// deadline are answered 503 and the process exits.
     #[arg(long, env = "PREFIXD_SHUTDOWN_TIMEOUT", default_value_t = 30.0)]
     pub shutdown_timeout: f64,
     /// Do not watch the prefixes directory for changes made by hand.
     #[arg(long, env = "PREFIXD_NO_WATCH")]
     pub no_watch: bool,
+    /// Seconds between full rescans of the prefixes directory (a safety net under the watcher;
+    /// 0 turns them off).
+    #[arg(long, env = "PREFIXD_RESCAN_INTERVAL", default_value_t = 30.0)]
+    pub rescan_interval: f64,
+}
+
+/// Seconds from a flag, refusing negative and non-finite values.
+fn seconds(flag: &str, v: f64) -> anyhow::Result<Duration> {
+    anyhow::ensure!(v.is_finite() && v >= 0.0, "--{flag} must be a number of seconds ≥ 0, got {v}");
+    Ok(Duration::from_secs_f64(v))
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -60,6 +91,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         args.max_batch_rows > 0,
         "--max-batch-rows must be at least 1"
     );
+    anyhow::ensure!(
+        args.max_connections > 0 && args.max_concurrent_uploads > 0,
+        "--max-connections and --max-concurrent-uploads must be at least 1"
+    );
     crate::serving::serve(ServeConfig {
         engine: args.model.engine_config(),
         prefixes_dir: args.prefixes,
@@ -71,12 +106,23 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             max_queue_rows: args.max_queue_rows,
         },
         limits: RequestLimits {
-            max_inputs: args.max_inputs,
-            max_text_chars: args.max_text_chars,
+            inputs: InputLimits {
+                max_inputs: args.max_inputs,
+                max_text_chars: args.max_text_chars,
+            },
             max_request_bytes: args.max_request_bytes,
             max_upload_bytes: args.max_upload_bytes,
+            body_idle_timeout: seconds("body-idle-timeout", args.body_idle_timeout)?,
+            body_timeout: seconds("body-timeout", args.body_timeout)?,
+            max_concurrent_uploads: args.max_concurrent_uploads,
         },
-        shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout.max(0.0)),
+        connections: ConnConfig {
+            max_connections: args.max_connections,
+            header_read_timeout: seconds("header-timeout", args.header_timeout)?,
+        },
+        drain_delay: seconds("drain-delay", args.drain_delay)?,
+        shutdown_timeout: seconds("shutdown-timeout", args.shutdown_timeout)?,
         watch: !args.no_watch,
+        rescan_interval: Some(seconds("rescan-interval", args.rescan_interval)?).filter(|d| !d.is_zero()),
     })
 }

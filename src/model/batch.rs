@@ -47,6 +47,10 @@ pub(crate) struct TokenBatch {
 /// The shape facts batch building checks rows against.
 pub(crate) struct Dims {
     pub max_positions: usize,
+    /// Rows of the word and token-type embedding tables: ids at or past them are refused (a
+    /// mismatched tokenizer would otherwise index past the table).
+    pub vocab: usize,
+    pub type_vocab: usize,
     pub layers: usize,
     pub heads: usize,
     pub head_dim: usize,
@@ -82,6 +86,18 @@ impl HostBatch {
                 return Err(ModelError::Batch(format!(
                     "row {i}: {n} token ids and {} type ids (need the same, at least one)",
                     types.len()
+                )));
+            }
+            if let Some(bad) = ids.iter().find(|&&id| id as usize >= dims.vocab) {
+                return Err(ModelError::Batch(format!(
+                    "row {i}: token id {bad} is outside the model's vocabulary of {} (is the tokenizer the model's own?)",
+                    dims.vocab
+                )));
+            }
+            if let Some(bad) = types.iter().find(|&&t| t as usize >= dims.type_vocab) {
+                return Err(ModelError::Batch(format!(
+                    "row {i}: token type {bad} is outside the model's {} types",
+                    dims.type_vocab
                 )));
             }
             // Positions start at P: the row's last token sits at P + n − 1.

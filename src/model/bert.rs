@@ -398,6 +398,8 @@ impl PrefixedBert {
         let c = &self.config;
         Dims {
             max_positions: c.max_position_embeddings,
+            vocab: c.vocab_size,
+            type_vocab: c.type_vocab_size,
             layers: c.num_hidden_layers,
             heads: c.num_attention_heads,
             head_dim: c.head_dim(),

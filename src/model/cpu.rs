@@ -86,14 +86,24 @@ impl Dense {
         for _ in 0..rows {
             y.extend_from_slice(&self.b);
         }
+        // The gemm call below trusts these lengths; a wrong one would read out of bounds.
+        assert!(
+            x.len() >= rows * self.inp && self.w.len() == self.inp * self.out && self.b.len() == self.out,
+            "dense layer: {} inputs for {rows}×{}, weight {} for {}×{}",
+            x.len(),
+            self.inp,
+            self.w.len(),
+            self.inp,
+            self.out
+        );
         let threads = rayon::current_num_threads();
         let par = if rows * self.out * self.inp >= 1 << 16 {
             gemm::Parallelism::Rayon(threads)
         } else {
             gemm::Parallelism::None
         };
-        // SAFETY: the three buffers hold rows×out, rows×in and in×out floats, row-major, as the
-        // strides say; y is not aliased.
+        // SAFETY: y holds rows×out floats (reserved and filled above), x at least rows×in and w
+        // in×out (asserted), row-major as the strides say; y is not aliased.
         unsafe {
             gemm::gemm(
                 rows,

@@ -110,6 +110,12 @@ impl PrefixFile {
         if p == 0 {
             return Err(PrefixError::BadMetadata("num_virtual_tokens is 0".into()));
         }
+        // [CLS] and [SEP] alone take two tokens: a smaller limit would refuse every input.
+        if let Some(n) = m.max_length.filter(|&n| n < 2) {
+            return Err(PrefixError::BadMetadata(format!(
+                "max_length is {n}: every input needs at least 2 tokens ([CLS] and [SEP])"
+            )));
+        }
         let width = base.layers * 2 * base.hidden;
         expect_shape(
             PROMPT_EMBEDDINGS,

@@ -28,6 +28,10 @@ pub enum PrefixError {
     },
     #[error("not a valid safetensors file: {0}")]
     NotSafetensors(String),
+    #[error("not a regular file (a FIFO, device or directory named like a prefix file)")]
+    NotRegularFile,
+    #[error("the file is {size} bytes; prefix files may be at most {max} (--max-upload-bytes)")]
+    FileTooLarge { size: u64, max: u64 },
     #[error(
         "not a prefixd prefix file: its header has no {META_KEY:?} metadata (a PEFT adapter \
              directory can be imported with `prefixd import-peft`)"

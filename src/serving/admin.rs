@@ -2,40 +2,54 @@
 //! registry or the directory is touched (see `prefix::registry`).
 
 use axum::extract::{FromRequest, FromRequestParts, Multipart, Path, Request, State};
-use axum::http::{header, request::Parts, StatusCode};
+use axum::http::{header, request::Parts, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
 use std::sync::Arc;
+use tokio::sync::Semaphore;
 
 use super::api::TaskInfo;
 use super::error::{ApiError, ErrorBody};
 use super::AppState;
 use crate::prefix::peft::{ImportOptions, CONFIG_FILE, WEIGHTS_FILE};
-use crate::serving::registry::RegistryError;
+use super::registry::{valid_task_name, RegistryError};
 use crate::prefix::ProblemType;
 
-/// Proof that the request carries the admin token. Rejects before the body is read.
-pub struct AdminAuth;
+/// Admin access: the token, and the upload slots.
+pub struct Admin {
+    /// Admin routes are disabled without one.
+    pub token: Option<String>,
+    /// One permit per upload being read or installed.
+    pub uploads: Arc<Semaphore>,
+    pub max_uploads: usize,
+}
 
-impl FromRequestParts<Arc<AppState>> for AdminAuth {
-    type Rejection = ApiError;
+impl Admin {
+    pub fn new(token: Option<String>, max_uploads: usize) -> Self {
+        Self {
+            token: token.filter(|t| !t.is_empty()),
+            uploads: Arc::new(Semaphore::new(max_uploads.max(1))),
+            max_uploads: max_uploads.max(1),
+        }
+    }
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &Arc<AppState>,
-    ) -> Result<Self, ApiError> {
-        let Some(expected) = state.admin_token.as_deref() else {
+    /// Whether `authorization` (the header's value) carries the admin token.
+    fn check(&self, authorization: Option<&str>) -> Result<(), ApiError> {
+        let Some(expected) = self.token.as_deref() else {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "admin_disabled",
                 "admin routes are disabled: start the server with --admin-token (or PREFIXD_ADMIN_TOKEN)",
             ));
         };
-        let given = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+        // RFC 9110: the scheme is case-insensitive ("bearer x" is as good as "Bearer x").
+        let given = authorization
+            .map(str::trim)
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
             .ok_or_else(|| {
                 ApiError::new(
                     StatusCode::UNAUTHORIZED,
@@ -43,14 +57,82 @@ impl FromRequestParts<Arc<AppState>> for AdminAuth {
                     "missing Authorization: Bearer <admin token>",
                 )
             })?;
-        if !constant_time_eq(given.trim().as_bytes(), expected.as_bytes()) {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                "wrong admin token",
-            ));
+        if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+            return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "wrong admin token"));
         }
-        Ok(AdminAuth)
+        Ok(())
+    }
+}
+
+/// Runs before the body is read (it is the outer layer of the admin routes): who is asking, and
+/// whether an upload slot is free, are settled first, so an unauthorized or excess upload costs
+/// no memory. (Sixteen 60 MB PUTs without a token used to be buffered whole, then refused.)
+pub async fn authorize(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let auth = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if let Err(e) = state.admin.check(auth) {
+        return refuse(request, e).await;
+    }
+    let _permit = if request.method() == axum::http::Method::PUT {
+        match state.admin.uploads.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                let e = ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_uploads",
+                    format!(
+                        "{} uploads are already in progress (--max-concurrent-uploads); retry",
+                        state.admin.max_uploads
+                    ),
+                );
+                return refuse(request, e).await;
+            }
+        }
+    } else {
+        None
+    };
+    next.run(request).await
+}
+
+/// Refuses a request without keeping its body. A client that sends the body without waiting for
+/// `100 Continue` would see its connection reset by an early answer; so a little of the body —
+/// at most 1 MiB or 2 s, read and thrown away, never stored — is let through first, then the
+/// answer goes out and the connection closes.
+async fn refuse(request: Request, e: ApiError) -> Response {
+    use http_body_util::BodyExt;
+    const DISCARD_BYTES: usize = 1 << 20;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+    let mut body = request.into_body();
+    let mut seen = 0usize;
+    while seen <= DISCARD_BYTES {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(frame))) => seen += frame.data_ref().map_or(0, |d| d.len()),
+            _ => break,
+        }
+    }
+    let mut r = e.into_response();
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
+/// A task name from the path, checked against the name rule.
+pub struct TaskName(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for TaskName {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_task_name", m);
+        let Path(name) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| bad(format!("the task name in the path is unreadable: {}", e.body_text())))?;
+        if !valid_task_name(&name) {
+            return Err(bad(RegistryError::InvalidName(name).to_string()));
+        }
+        Ok(TaskName(name))
     }
 }
 
@@ -84,9 +166,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     tag = "admin"
 )]
 pub async fn put_task(
-    _auth: AdminAuth,
     State(state): State<Arc<AppState>>,
-    Path(name): Path<String>,
+    TaskName(name): TaskName,
     request: Request,
 ) -> Result<Json<TaskInfo>, ApiError> {
     let content_type = request
@@ -95,7 +176,7 @@ pub async fn put_task(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_ascii_lowercase();
-    let registry = state.registry.clone();
+    let registry = state.infer.registry().clone();
     let upload = if content_type.starts_with("multipart/form-data") {
         let form = Multipart::from_request(request, &state).await?;
         let peft = read_peft_form(form).await?;
@@ -123,7 +204,8 @@ pub async fn put_task(
     let task = result?;
     tracing::info!(task = %name, version = %task.version, "task uploaded");
     let info = state
-        .registry
+        .infer
+        .registry()
         .info(&name)
         .ok_or_else(|| ApiError::internal("task vanished after upload"))?;
     Ok(Json(TaskInfo::from(&info)))
@@ -196,11 +278,10 @@ async fn read_peft_form(mut form: Multipart) -> Result<PeftForm, ApiError> {
     tag = "admin"
 )]
 pub async fn delete_task(
-    _auth: AdminAuth,
     State(state): State<Arc<AppState>>,
-    Path(name): Path<String>,
+    TaskName(name): TaskName,
 ) -> Result<StatusCode, ApiError> {
-    let registry = state.registry.clone();
+    let registry = state.infer.registry().clone();
     let task_name = name.clone();
     tokio::task::spawn_blocking(move || registry.delete(&task_name))
         .await

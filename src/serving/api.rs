@@ -1,7 +1,7 @@
 //! Public routes: classify, task listing, health, readiness, metrics.
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -9,14 +9,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
-use tokio::sync::oneshot;
 use utoipa::ToSchema;
 
-use super::batcher::Job;
+use super::admin::TaskName;
 use super::error::{ApiError, ErrorBody};
+use super::registry::Loaded;
 use super::AppState;
 use crate::engine::{Prediction, TextInput};
-use crate::serving::registry::Loaded;
 
 /// A classify request.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -51,6 +50,7 @@ pub enum InputItem {
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct TextPair {
     pub text: String,
     #[serde(default)]
@@ -134,88 +134,58 @@ pub struct TaskList {
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Status {
-    /// `ok`, `ready` or `draining`.
+    /// `ok`, `ready`, `draining`, `unavailable`.
     pub status: String,
+    /// Why the server is not ready or not alive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl Status {
+    fn new(status: &str, reason: Option<String>) -> Json<Self> {
+        Json(Self {
+            status: status.into(),
+            reason,
+        })
+    }
 }
 
 fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-/// Parses `inputs` by hand so a bad item is named by its index.
-fn parse_inputs(
-    v: &Value,
-    max_inputs: usize,
-    max_chars: usize,
-) -> Result<Vec<TextInput>, ApiError> {
-    let check = |what: String, s: &str| {
-        if s.chars().count() > max_chars {
-            Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!("{what} is longer than {max_chars} characters"),
-            ))
-        } else {
-            Ok(())
-        }
-    };
+/// Parses `inputs` by hand so a bad item is named by its index. Limits (count, length) are the
+/// inference door's to check, the same for every route.
+pub(crate) fn parse_inputs(v: &Value) -> Result<Vec<TextInput>, ApiError> {
     let item = |i: usize, v: &Value| -> Result<TextInput, ApiError> {
-        let input = match v {
-            Value::String(s) => TextInput::single(s.clone()),
+        match v {
+            Value::String(s) => Ok(TextInput::single(s.clone())),
             Value::Object(_) => {
                 let p: TextPair = serde_json::from_value(v.clone()).map_err(|e| {
                     ApiError::invalid_input(format!(
                         "inputs[{i}]: expected {{\"text\": string, \"text_pair\": string}}: {e}"
                     ))
                 })?;
-                TextInput {
+                Ok(TextInput {
                     text: p.text,
                     text_pair: p.text_pair,
-                }
+                })
             }
-            _ => {
-                return Err(ApiError::invalid_input(format!(
-                    "inputs[{i}]: expected a string or {{\"text\", \"text_pair\"}}, got {}",
-                    json_kind(v)
-                )))
-            }
-        };
-        check(format!("inputs[{i}].text"), &input.text)?;
-        if let Some(p) = &input.text_pair {
-            check(format!("inputs[{i}].text_pair"), p)?;
-        }
-        Ok(input)
-    };
-    let inputs = match v {
-        Value::String(_) => vec![item(0, v)?],
-        Value::Array(items) => {
-            if items.is_empty() {
-                return Err(ApiError::invalid_input("inputs is empty"));
-            }
-            if items.len() > max_inputs {
-                return Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    format!(
-                        "{} inputs in one request; the limit is {max_inputs}",
-                        items.len()
-                    ),
-                ));
-            }
-            items
-                .iter()
-                .enumerate()
-                .map(|(i, v)| item(i, v))
-                .collect::<Result<_, _>>()?
-        }
-        other => {
-            return Err(ApiError::invalid_input(format!(
-                "inputs: expected a string or an array, got {}",
-                json_kind(other)
-            )))
+            _ => Err(ApiError::invalid_input(format!(
+                "inputs[{i}]: expected a string or {{\"text\", \"text_pair\"}}, got {}",
+                json_kind(v)
+            ))),
         }
     };
-    Ok(inputs)
+    match v {
+        Value::String(_) => Ok(vec![item(0, v)?]),
+        Value::Array(items) if items.is_empty() => Err(ApiError::invalid_input("inputs is empty")),
+        Value::Array(items) => items.iter().enumerate().map(|(i, v)| item(i, v)).collect(),
+        other => Err(ApiError::invalid_input(format!(
+            "inputs: expected a string or an array, got {}",
+            json_kind(other)
+        ))),
+    }
 }
 
 fn json_kind(v: &Value) -> &'static str {
@@ -275,59 +245,20 @@ async fn classify_inner(
     body: Result<Json<ClassifyRequest>, JsonRejection>,
     task_label: &mut String,
 ) -> Result<Json<ClassifyResponse>, ApiError> {
-    if state.is_draining() {
-        return Err(ApiError::draining());
-    }
     let Json(req) = body?;
     // Only registered names become metric labels, so clients cannot mint new series.
-    let task = state
-        .registry
-        .get(&req.task)
-        .ok_or_else(|| ApiError::unknown_task(&req.task))?;
+    state.infer.task(&req.task)?;
     task_label.clone_from(&req.task);
-    let limits = &state.limits;
-    let inputs = parse_inputs(&req.inputs, limits.max_inputs, limits.max_text_chars)?;
-
-    let text = state.text.clone();
-    let for_task = task.clone();
-    let encoded = tokio::task::spawn_blocking(move || {
-        inputs
-            .iter()
-            .map(|i| text.encode_for(i, &for_task))
-            .collect::<Result<Vec<_>, _>>()
-    })
-    .await
-    .map_err(|e| ApiError::internal(format!("tokenizer task failed: {e}")))?
-    .map_err(|e| ApiError::invalid_input(e.to_string()))?;
-
-    let now = Instant::now();
-    let (jobs, replies): (Vec<Job>, Vec<_>) = encoded
-        .into_iter()
-        .map(|tokens| {
-            let (tx, rx) = oneshot::channel();
-            let job = Job {
-                task: task.clone(),
-                tokens,
-                enqueued: now,
-                reply: tx,
-            };
-            (job, rx)
-        })
-        .unzip();
-    state.batcher.submit(jobs)?;
-
-    let mut results = Vec::with_capacity(replies.len());
-    for rx in replies {
-        let prediction = rx
-            .await
-            .map_err(|_| ApiError::draining())?
-            .map_err(ApiError::internal)?;
-        results.push(ClassifyResult::new(prediction, req.raw_scores));
-    }
+    let inputs = parse_inputs(&req.inputs)?;
+    let done = state.infer.classify(&req.task, inputs).await?;
     Ok(Json(ClassifyResponse {
         task: req.task,
-        version: task.version.clone(),
-        results,
+        version: done.task.version.clone(),
+        results: done
+            .predictions
+            .into_iter()
+            .map(|p| ClassifyResult::new(p, req.raw_scores))
+            .collect(),
     }))
 }
 
@@ -335,7 +266,7 @@ async fn classify_inner(
 #[utoipa::path(get, path = "/v1/tasks", responses((status = 200, body = TaskList)), tag = "tasks")]
 pub async fn list_tasks(State(state): State<Arc<AppState>>) -> Json<TaskList> {
     Json(TaskList {
-        tasks: state.registry.list().iter().map(TaskInfo::from).collect(),
+        tasks: state.infer.registry().list().iter().map(TaskInfo::from).collect(),
     })
 }
 
@@ -349,24 +280,34 @@ pub async fn list_tasks(State(state): State<Arc<AppState>>) -> Json<TaskList> {
 )]
 pub async fn get_task(
     State(state): State<Arc<AppState>>,
-    Path(name): Path<String>,
+    TaskName(name): TaskName,
 ) -> Result<Json<TaskInfo>, ApiError> {
     state
-        .registry
+        .infer
+        .registry()
         .info(&name)
         .map(|l| Json(TaskInfo::from(&l)))
         .ok_or_else(|| ApiError::unknown_task(&name))
 }
 
-/// Liveness: the process is up.
-#[utoipa::path(get, path = "/health", responses((status = 200, body = Status)), tag = "health")]
-pub async fn health() -> Json<Status> {
-    Json(Status {
-        status: "ok".into(),
-    })
+/// Liveness: the process is up and its model thread runs.
+#[utoipa::path(
+    get,
+    path = "/health",
+    responses((status = 200, body = Status), (status = 503, body = Status)),
+    tag = "health"
+)]
+pub async fn health(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Status>) {
+    if state.infer.batcher().health().alive() {
+        (StatusCode::OK, Status::new("ok", None))
+    } else {
+        let reason = Some("the model thread has stopped".to_string());
+        (StatusCode::SERVICE_UNAVAILABLE, Status::new("unavailable", reason))
+    }
 }
 
-/// Readiness: the model is loaded and the server is not draining.
+/// Readiness: the model serves and the server is not draining (503 from the moment SIGTERM
+/// arrives, while requests are still being served, so load balancers stop sending first).
 #[utoipa::path(
     get,
     path = "/ready",
@@ -375,15 +316,11 @@ pub async fn health() -> Json<Status> {
 )]
 pub async fn ready(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Status>) {
     if state.is_draining() {
-        let body = Status {
-            status: "draining".into(),
-        };
-        (StatusCode::SERVICE_UNAVAILABLE, Json(body))
-    } else {
-        let body = Status {
-            status: "ready".into(),
-        };
-        (StatusCode::OK, Json(body))
+        return (StatusCode::SERVICE_UNAVAILABLE, Status::new("draining", None));
+    }
+    match state.infer.batcher().health().problem() {
+        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, Status::new("unavailable", Some(reason))),
+        None => (StatusCode::OK, Status::new("ready", None)),
     }
 }
 

@@ -1,17 +1,23 @@
 //! Dynamic batching over one model thread.
 //!
 //! Handlers tokenize on the blocking pool, then [`Batcher::submit`] queues one [`Job`] per input
-//! row. A single thread owns the [`Engine`]: it drains the queue, forms a batch, runs it, answers
-//! each row through its oneshot channel, and goes round again. Because batch formation happens
-//! only when the model is free, a lone request on an idle server runs at once, and under load the
-//! rows that arrived during a forward pass form the next batch (continuous batching). Rows of any
-//! tasks mix in one batch; each row carries its own `Arc<Task>`.
+//! row. A single thread owns the model (a [`Backend`]): it drains the queue, forms a batch, runs
+//! it, answers each row through its oneshot channel, and goes round again. Because batch
+//! formation happens only when the model is free, a lone request on an idle server runs at once,
+//! and under load the rows that arrived during a forward pass form the next batch (continuous
+//! batching). Rows of any tasks mix in one batch; each row carries its own `Arc<Task>`.
 //!
 //! Admission is counted in rows against `max_queue_rows`; a request that would overflow it is
 //! refused as a whole, at once, without touching the channel.
+//!
+//! The thread has a pulse ([`ModelHealth`]): a forward pass that fails or panics answers its own
+//! rows with an error and the thread carries on; readiness reads the health, so a model that keeps
+//! failing, or a thread that is gone, takes the replica out of rotation instead of answering
+//! every request with a misleading "shutting down".
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -19,8 +25,19 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 
 use super::metrics::Metrics;
-use crate::engine::{Encoded, Engine, Prediction, Row};
-use crate::engine::Task;
+use crate::engine::{Encoded, Engine, Prediction, Row, Task};
+
+/// What the model thread needs from a model: one forward pass over rows of any mix of tasks,
+/// one prediction per row, in order. The engine is the real one; tests plug in fakes.
+pub trait Backend: Send + 'static {
+    fn classify(&self, rows: &[Row<'_>]) -> Result<Vec<Prediction>, String>;
+}
+
+impl Backend for Engine {
+    fn classify(&self, rows: &[Row<'_>]) -> Result<Vec<Prediction>, String> {
+        Engine::classify(self, rows).map_err(|e| e.to_string())
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct BatcherConfig {
@@ -43,12 +60,21 @@ impl Default for BatcherConfig {
     }
 }
 
+/// Why a row got no prediction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobError {
+    /// The forward pass failed (or panicked) on this row's batch.
+    Failed(String),
+    /// Still queued when the shutdown deadline came.
+    Shutdown,
+}
+
 /// One row waiting for the model.
 pub struct Job {
     pub task: Arc<Task>,
     pub tokens: Encoded,
     pub enqueued: Instant,
-    pub reply: oneshot::Sender<Result<Prediction, String>>,
+    pub reply: oneshot::Sender<Result<Prediction, JobError>>,
 }
 
 impl Job {
@@ -63,6 +89,34 @@ pub enum SubmitError {
     Overloaded { queued: usize, limit: usize },
     #[error("the server is shutting down")]
     Closed,
+    #[error("the model thread has stopped; this replica cannot classify")]
+    ModelGone,
+}
+
+/// How many failed batches in a row make the model unready.
+const UNREADY_AFTER_FAILURES: u32 = 3;
+
+/// The model thread's pulse, read by `/health` and `/ready`.
+#[derive(Debug, Default)]
+pub struct ModelHealth {
+    alive: AtomicBool,
+    consecutive_failures: AtomicU32,
+}
+
+impl ModelHealth {
+    /// The thread runs (liveness).
+    pub fn alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+
+    /// `None` when ready to serve, else why not.
+    pub fn problem(&self) -> Option<String> {
+        if !self.alive() {
+            return Some("the model thread has stopped".into());
+        }
+        let n = self.consecutive_failures.load(Ordering::SeqCst);
+        (n >= UNREADY_AFTER_FAILURES).then(|| format!("the last {n} forward passes failed"))
+    }
 }
 
 /// Cheap-clone handle to the queue; the model thread holds the other end.
@@ -75,14 +129,17 @@ struct Shared {
     // `None` once closed: dropping the sender lets the model thread finish what is queued and exit.
     tx: Mutex<Option<mpsc::Sender<Vec<Job>>>>,
     queued: AtomicUsize,
+    /// Set at the shutdown deadline: rows still queued are answered `Shutdown`, not run.
+    abort: AtomicBool,
     config: BatcherConfig,
     metrics: Arc<Metrics>,
+    health: ModelHealth,
 }
 
 impl Batcher {
-    /// Starts the model thread, which owns `engine` until the batcher is closed.
-    pub fn start(
-        engine: Engine,
+    /// Starts the model thread, which owns `backend` until the batcher is closed.
+    pub fn start<B: Backend>(
+        backend: B,
         config: BatcherConfig,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<(Self, JoinHandle<()>)> {
@@ -91,14 +148,28 @@ impl Batcher {
             shared: Arc::new(Shared {
                 tx: Mutex::new(Some(tx)),
                 queued: AtomicUsize::new(0),
+                abort: AtomicBool::new(false),
                 config,
                 metrics,
+                health: ModelHealth::default(),
             }),
         };
+        batcher.shared.health.alive.store(true, Ordering::SeqCst);
         let worker = batcher.clone();
         let handle = std::thread::Builder::new()
             .name("model".into())
-            .spawn(move || worker.model_loop(engine, rx))?;
+            .spawn(move || {
+                // Whatever ends the loop (close, or a bug outside the guarded forward pass),
+                // the pulse says so.
+                struct Dead<'a>(&'a ModelHealth);
+                impl Drop for Dead<'_> {
+                    fn drop(&mut self) {
+                        self.0.alive.store(false, Ordering::SeqCst);
+                    }
+                }
+                let _dead = Dead(&worker.shared.health);
+                worker.model_loop(backend, rx)
+            })?;
         Ok((batcher, handle))
     }
 
@@ -106,9 +177,21 @@ impl Batcher {
         &self.shared.config
     }
 
+    pub fn health(&self) -> &ModelHealth {
+        &self.shared.health
+    }
+
+    /// Rows admitted and not yet taken into a batch.
+    pub fn queued(&self) -> usize {
+        self.shared.queued.load(Ordering::SeqCst)
+    }
+
     /// Queues all of a request's rows, or none of them.
     pub fn submit(&self, jobs: Vec<Job>) -> Result<(), SubmitError> {
         let n = jobs.len();
+        if !self.shared.health.alive() {
+            return Err(SubmitError::ModelGone);
+        }
         let limit = self.shared.config.max_queue_rows;
         let before = self.shared.queued.fetch_add(n, Ordering::SeqCst);
         if before + n > limit {
@@ -125,9 +208,10 @@ impl Batcher {
         };
         // One message per request, so the model thread never sees half of a request's rows.
         if tx.send(jobs).is_err() {
-            // The model thread is gone; the dropped replies tell the handler.
             self.shared.queued.fetch_sub(n, Ordering::SeqCst);
+            return Err(SubmitError::ModelGone);
         }
+        drop(guard);
         self.update_depth();
         Ok(())
     }
@@ -141,12 +225,19 @@ impl Batcher {
             .take();
     }
 
+    /// The shutdown deadline: stops accepting rows, answers every queued row `Shutdown` (the batch
+    /// already running finishes), and lets the model thread exit.
+    pub fn abort(&self) {
+        self.shared.abort.store(true, Ordering::SeqCst);
+        self.close();
+    }
+
     fn update_depth(&self) {
         let q = self.shared.queued.load(Ordering::SeqCst);
         self.shared.metrics.queue_depth.set(q as i64);
     }
 
-    fn model_loop(&self, engine: Engine, rx: mpsc::Receiver<Vec<Job>>) {
+    fn model_loop<B: Backend>(&self, backend: B, rx: mpsc::Receiver<Vec<Job>>) {
         let mut pending: Vec<Job> = Vec::new();
         loop {
             if pending.is_empty() {
@@ -156,8 +247,13 @@ impl Batcher {
                 }
             }
             pending.extend(rx.try_iter().flatten());
-            // Rows whose client went away are dropped before they cost a forward pass.
             let before = pending.len();
+            if self.shared.abort.load(Ordering::SeqCst) {
+                for job in pending.drain(..) {
+                    let _ = job.reply.send(Err(JobError::Shutdown));
+                }
+            }
+            // Rows whose client went away are dropped before they cost a forward pass.
             pending.retain(|j| !j.reply.is_closed());
             let batch = take_batch(&mut pending, &self.shared.config);
             self.shared
@@ -165,12 +261,12 @@ impl Batcher {
                 .fetch_sub(before - pending.len(), Ordering::SeqCst);
             self.update_depth();
             if !batch.is_empty() {
-                self.run(&engine, batch);
+                self.run(&backend, batch);
             }
         }
     }
 
-    fn run(&self, engine: &Engine, batch: Vec<Job>) {
+    fn run<B: Backend>(&self, backend: &B, batch: Vec<Job>) {
         let m = &self.shared.metrics;
         let start = Instant::now();
         for job in &batch {
@@ -185,7 +281,26 @@ impl Batcher {
             })
             .collect();
         let tasks: HashSet<*const Task> = batch.iter().map(|j| Arc::as_ptr(&j.task)).collect();
-        let result = engine.classify(&rows);
+        // A panic in a forward pass is a bug, but it must cost one batch, not the server.
+        let result = match catch_unwind(AssertUnwindSafe(|| backend.classify(&rows))) {
+            Ok(Ok(p)) if p.len() == rows.len() => Ok(p),
+            Ok(Ok(p)) => Err(format!(
+                "the model returned {} predictions for {} rows",
+                p.len(),
+                rows.len()
+            )),
+            Ok(Err(e)) => Err(e),
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                m.model_panics.inc();
+                Err(format!("the model failed on this batch ({what})"))
+            }
+        };
+        drop(rows);
         let elapsed = start.elapsed().as_secs_f64();
         m.inference_duration.observe(elapsed);
         m.batch_size.observe(batch.len() as f64);
@@ -198,17 +313,20 @@ impl Batcher {
             ms = elapsed * 1e3,
             "batch"
         );
+        let health = &self.shared.health;
         match result {
             Ok(predictions) => {
+                health.consecutive_failures.store(0, Ordering::SeqCst);
                 for (job, p) in batch.into_iter().zip(predictions) {
                     let _ = job.reply.send(Ok(p));
                 }
             }
-            Err(e) => {
-                tracing::error!(error = %e, "forward pass failed");
-                let msg = e.to_string();
+            Err(msg) => {
+                health.consecutive_failures.fetch_add(1, Ordering::SeqCst);
+                m.batch_failures.inc();
+                tracing::error!(error = %msg, rows = batch.len(), "forward pass failed");
                 for job in batch {
-                    let _ = job.reply.send(Err(msg.clone()));
+                    let _ = job.reply.send(Err(JobError::Failed(msg.clone())));
                 }
             }
         }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::batcher::SubmitError;
+use super::infer::InferError;
 use crate::serving::registry::RegistryError;
 
 /// The body of every error response.
@@ -24,14 +25,22 @@ pub struct ApiError {
     pub status: StatusCode,
     pub error_type: &'static str,
     pub message: String,
+    /// Seconds for a `Retry-After` header (429 and 503 carry one).
+    pub retry_after: Option<u32>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, error_type: &'static str, message: impl Into<String>) -> Self {
+        let retry_after = match status {
+            StatusCode::TOO_MANY_REQUESTS => Some(1),
+            StatusCode::SERVICE_UNAVAILABLE => Some(5),
+            _ => None,
+        };
         Self {
             status,
             error_type,
             message: message.into(),
+            retry_after,
         }
     }
 
@@ -55,6 +64,10 @@ impl ApiError {
         )
     }
 
+    pub fn too_large(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
     }
@@ -70,11 +83,15 @@ impl IntoResponse for ApiError {
             }),
         )
             .into_response();
+        let headers = response.headers_mut();
         if self.status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(
+            headers.insert(
                 axum::http::header::WWW_AUTHENTICATE,
                 axum::http::HeaderValue::from_static("Bearer"),
             );
+        }
+        if let Some(s) = self.retry_after {
+            headers.insert(axum::http::header::RETRY_AFTER, s.into());
         }
         response
     }
@@ -87,19 +104,55 @@ impl From<SubmitError> for ApiError {
                 Self::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", e.to_string())
             }
             SubmitError::Closed => Self::draining(),
+            SubmitError::ModelGone => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "model_unavailable", e.to_string())
+            }
+        }
+    }
+}
+
+impl From<InferError> for ApiError {
+    fn from(e: InferError) -> Self {
+        match e {
+            InferError::UnknownTask(name) => Self::unknown_task(&name),
+            InferError::Input(m) => Self::invalid_input(m),
+            InferError::TooLarge(m) => Self::too_large(m),
+            InferError::Submit(s) => s.into(),
+            InferError::Failed(m) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "model_error", m),
+            InferError::Shutdown => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                InferError::Shutdown.to_string(),
+            ),
         }
     }
 }
 
 impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
+        use std::io::ErrorKind;
         match &e {
             RegistryError::InvalidName(_) => {
                 Self::new(StatusCode::BAD_REQUEST, "invalid_task_name", e.to_string())
             }
             RegistryError::NotFound(name) => Self::unknown_task(name),
-            RegistryError::Prefix(crate::prefix::PrefixError::Io { .. }) => {
-                Self::internal(e.to_string())
+            // Server-side file trouble: the client learns what happened, not where (the log has
+            // the path).
+            RegistryError::Prefix(crate::prefix::PrefixError::Io { path, source }) => {
+                tracing::error!(path = %path.display(), error = %source, "storing a prefix file failed");
+                match source.kind() {
+                    ErrorKind::StorageFull | ErrorKind::QuotaExceeded | ErrorKind::FileTooLarge => {
+                        Self::new(
+                            StatusCode::INSUFFICIENT_STORAGE,
+                            "insufficient_storage",
+                            "no space left to store the prefix file; nothing was changed",
+                        )
+                    }
+                    _ => Self::internal(format!(
+                        "storing the prefix file failed ({}); nothing was changed",
+                        source.kind()
+                    )),
+                }
             }
             RegistryError::Prefix(_) => Self::new(
                 StatusCode::UNPROCESSABLE_ENTITY,

@@ -2,7 +2,8 @@
 //! (`_seconds`), `_total` on counters, no colons.
 
 use prometheus::{
-    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge,
     Opts, Registry, TextEncoder,
 };
 
@@ -18,6 +19,8 @@ pub struct Metrics {
     pub batch_tokens: Histogram,
     pub batch_tasks: Histogram,
     pub queue_depth: IntGauge,
+    pub batch_failures: IntCounter,
+    pub model_panics: IntCounter,
     pub tasks_loaded: IntGauge,
     pub prefix_loads: IntCounterVec,
 }
@@ -66,6 +69,14 @@ impl Metrics {
                     .buckets(exponential_buckets(1.0, 2.0, 9)?),
             )?,
             queue_depth: IntGauge::new("queue_depth", "Rows waiting for a batch.")?,
+            batch_failures: IntCounter::new(
+                "batch_failures_total",
+                "Forward passes that failed (their rows were answered with an error).",
+            )?,
+            model_panics: IntCounter::new(
+                "model_panics_total",
+                "Forward passes that panicked (caught; the model thread carried on).",
+            )?,
             tasks_loaded: IntGauge::new("tasks_loaded", "Tasks in the registry.")?,
             prefix_loads: IntCounterVec::new(
                 Opts::new(
@@ -85,6 +96,8 @@ impl Metrics {
         r.register(Box::new(m.batch_tokens.clone()))?;
         r.register(Box::new(m.batch_tasks.clone()))?;
         r.register(Box::new(m.queue_depth.clone()))?;
+        r.register(Box::new(m.batch_failures.clone()))?;
+        r.register(Box::new(m.model_panics.clone()))?;
         r.register(Box::new(m.tasks_loaded.clone()))?;
         r.register(Box::new(m.prefix_loads.clone()))?;
         Ok(m)

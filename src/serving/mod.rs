@@ -1,31 +1,39 @@
 //! The HTTP server: axum handlers in front of one model thread.
 //!
-//! Shape (after text-embeddings-inference): handlers validate and tokenize, the [`Batcher`] owns
-//! the only thread that runs the model, and the [`Registry`] hands out immutable `Arc<Task>`s.
-//! All shared state lives in one [`AppState`] behind an `Arc`, so every handler gets a cheap
-//! clone and nothing needs a lock except the registry's short read.
+//! Shape (after text-embeddings-inference): handlers parse and shape; every classification goes
+//! through one door, [`Infer`] (task lookup, limits, tokenization, admission, answers); the
+//! [`Batcher`] owns the only thread that runs the model; the [`Registry`] hands out immutable
+//! `Arc<Task>`s. Shared state lives in one [`AppState`] behind an `Arc`, so every handler gets a
+//! cheap clone and nothing needs a lock except the registry's short read.
+//!
+//! `server.rs` owns connections (cap, header timeout, drain); `body.rs` reads bodies within bounds
+//! and turns every error into JSON; `admin.rs` checks who is asking before any body is read.
 
 mod admin;
 mod api;
 mod batcher;
 mod body;
 mod error;
+mod infer;
 mod metrics;
 mod openapi;
 pub mod registry;
+mod server;
 
 pub use api::{ClassifyResponse, ClassifyResult, TaskInfo};
-pub use batcher::{Batcher, BatcherConfig};
+pub use batcher::{Backend, Batcher, BatcherConfig, Job, JobError, ModelHealth, SubmitError};
+pub use body::BodyLimits;
 pub use error::ErrorBody;
+pub use infer::{Classified, Infer, InferError, InputLimits};
 pub use metrics::Metrics;
 pub use openapi::ApiDoc;
+pub use server::ConnConfig;
 
 use anyhow::Context;
 use axum::extract::DefaultBodyLimit;
 use axum::middleware;
 use axum::routing::{get, post, put};
 use axum::Router;
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,31 +43,38 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 
-use crate::engine::{Engine, EngineConfig, Row, TextEncoder, TextInput};
-use crate::serving::registry::{Registry, RegistryObserver};
+use crate::engine::{Engine, EngineConfig, Row, Task, TextInput};
 use crate::prefix::synthetic::random_prefix;
-use crate::engine::Task;
+use registry::{Registry, RegistryObserver};
 
-/// Limits on what one request may ask.
+/// Limits on what one request may send or ask.
 #[derive(Debug, Clone)]
 pub struct RequestLimits {
-    /// Inputs in one classify request.
-    pub max_inputs: usize,
-    /// Characters in one text (before tokenization; tokens are truncated anyway).
-    pub max_text_chars: usize,
+    pub inputs: InputLimits,
     /// Body size of a classify request.
     pub max_request_bytes: usize,
-    /// Body size of an admin upload.
+    /// Body size of an admin upload, and the largest prefix file read from the prefixes folder.
     pub max_upload_bytes: usize,
+    /// Longest gap between two pieces of a request body.
+    pub body_idle_timeout: Duration,
+    /// Longest time for a whole request body.
+    pub body_timeout: Duration,
+    /// Uploads read or installed at once.
+    pub max_concurrent_uploads: usize,
 }
 
 impl Default for RequestLimits {
     fn default() -> Self {
         Self {
-            max_inputs: 256,
-            max_text_chars: 100_000,
+            inputs: InputLimits {
+                max_inputs: 256,
+                max_text_chars: 100_000,
+            },
             max_request_bytes: 2 << 20,
             max_upload_bytes: 64 << 20,
+            body_idle_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(300),
+            max_concurrent_uploads: 2,
         }
     }
 }
@@ -73,48 +88,71 @@ pub struct ServeConfig {
     pub admin_token: Option<String>,
     pub batcher: BatcherConfig,
     pub limits: RequestLimits,
-    /// How long queued and in-flight requests get to finish after SIGTERM/SIGINT.
+    pub connections: ConnConfig,
+    /// After SIGTERM/SIGINT, how long the listener keeps accepting (readiness already 503).
+    pub drain_delay: Duration,
+    /// Then, how long in-flight and queued requests get to finish.
     pub shutdown_timeout: Duration,
     /// Watch the prefixes directory for changes made by hand.
     pub watch: bool,
+    /// Also re-read the whole prefixes directory this often (a safety net under the watcher).
+    pub rescan_interval: Option<Duration>,
 }
 
 /// Everything a handler needs, shared behind one `Arc`.
 pub struct AppState {
-    pub registry: Registry,
-    pub batcher: Batcher,
-    pub text: TextEncoder,
+    pub infer: Infer,
     pub metrics: Arc<Metrics>,
-    pub admin_token: Option<String>,
+    pub admin: admin::Admin,
     pub limits: RequestLimits,
     draining: AtomicBool,
 }
 
 impl AppState {
+    pub fn new(infer: Infer, metrics: Arc<Metrics>, admin_token: Option<String>, limits: RequestLimits) -> Self {
+        Self {
+            admin: admin::Admin::new(admin_token, limits.max_concurrent_uploads),
+            infer,
+            metrics,
+            limits,
+            draining: AtomicBool::new(false),
+        }
+    }
+
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Readiness turns 503; requests are still served.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
     }
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
     let limits = state.limits.clone();
     let openapi = ApiDoc::openapi();
-    // Bodies are buffered (and limited) by `body::buffer_body`, so extractors need no limit of
-    // their own.
-    let (request_limit, upload_limit) = (limits.max_request_bytes, limits.max_upload_bytes);
+    let body = |max_bytes| BodyLimits {
+        max_bytes,
+        idle_timeout: limits.body_idle_timeout,
+        total_timeout: limits.body_timeout,
+    };
+    let (request_body, upload_body) = (body(limits.max_request_bytes), body(limits.max_upload_bytes));
     let classify = Router::new()
         .route("/v1/classify", post(api::classify))
         .layer(middleware::from_fn(move |req, next| {
-            body::buffer_body(request_limit, req, next)
+            body::buffer_body(request_body, req, next)
         }));
+    // Layers run outermost-last-added: authorize, then read the body, then the handler.
     let admin = Router::new()
         .route(
             "/v1/admin/tasks/{task}",
             put(admin::put_task).delete(admin::delete_task),
         )
         .layer(middleware::from_fn(move |req, next| {
-            body::buffer_body(upload_limit, req, next)
-        }));
+            body::buffer_body(upload_body, req, next)
+        }))
+        .layer(middleware::from_fn_with_state(state.clone(), admin::authorize));
     Router::new()
         .merge(classify)
         .merge(admin)
@@ -141,6 +179,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         })
         .with_state(state)
         .layer(DefaultBodyLimit::disable())
+        .layer(middleware::from_fn(body::json_errors))
         .layer(
             TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
                 let id = req
@@ -193,14 +232,16 @@ async fn serve_async(config: ServeConfig) -> anyhow::Result<()> {
 
     let observer: Arc<dyn RegistryObserver> = metrics.clone();
     let dir = config.prefixes_dir.clone();
-    let registry = tokio::task::spawn_blocking(move || Registry::open(&dir, info, Some(observer)))
-        .await?
-        .with_context(|| format!("prefixes directory {}", config.prefixes_dir.display()))?;
+    let max_file = config.limits.max_upload_bytes;
+    let registry =
+        tokio::task::spawn_blocking(move || Registry::open(&dir, info, max_file, Some(observer)))
+            .await?
+            .with_context(|| format!("prefixes directory {}", config.prefixes_dir.display()))?;
     tracing::info!(tasks = registry.len(), dir = %config.prefixes_dir.display(), "prefixes loaded");
     let _watch = if config.watch {
         Some(
             registry
-                .watch()
+                .watch(config.rescan_interval)
                 .context("watching the prefixes directory")?,
         )
     } else {
@@ -209,15 +250,13 @@ async fn serve_async(config: ServeConfig) -> anyhow::Result<()> {
 
     let text = engine.text_encoder().clone();
     let (batcher, model_thread) = Batcher::start(engine, config.batcher.clone(), metrics.clone())?;
-    let state = Arc::new(AppState {
-        registry,
-        batcher: batcher.clone(),
-        text,
+    let infer = Infer::new(registry, text, batcher.clone(), config.limits.inputs.clone());
+    let state = Arc::new(AppState::new(
+        infer,
         metrics,
-        admin_token: config.admin_token.clone().filter(|t| !t.is_empty()),
-        limits: config.limits.clone(),
-        draining: AtomicBool::new(false),
-    });
+        config.admin_token.clone(),
+        config.limits.clone(),
+    ));
 
     let listener = tokio::net::TcpListener::bind(config.addr)
         .await
@@ -226,32 +265,30 @@ async fn serve_async(config: ServeConfig) -> anyhow::Result<()> {
     // Tests and scripts read this line to find the port when --addr ends in :0.
     println!("prefixd listening on http://{addr}");
     tracing::info!(%addr, "serving");
+    let mut listener = server::Listener::start(listener, router(state.clone()), config.connections.clone());
 
-    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
-    let signal_state = state.clone();
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        tracing::info!("shutdown requested: draining");
-        signal_state.draining.store(true, Ordering::SeqCst);
-        let _ = drain_tx.send(true);
-    });
-    let mut graceful_rx = drain_rx.clone();
-    let server = axum::serve(listener, router(state.clone()))
-        .with_graceful_shutdown(async move {
-            let _ = graceful_rx.wait_for(|d| *d).await;
-        })
-        .into_future();
-    let mut deadline_rx = drain_rx;
-    let timeout = config.shutdown_timeout;
-    tokio::select! {
-        result = server => result?,
-        _ = async {
-            let _ = deadline_rx.wait_for(|d| *d).await;
-            tokio::time::sleep(timeout).await;
-        } => tracing::warn!("shutdown timeout reached with requests still open"),
+    shutdown_signal().await;
+    state.start_draining();
+    tracing::info!(
+        drain_delay_s = config.drain_delay.as_secs_f64(),
+        "shutdown requested: readiness 503, still serving"
+    );
+    tokio::time::sleep(config.drain_delay).await;
+    tracing::info!("listener closed; finishing in-flight requests");
+    let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
+    if !listener.close(deadline).await {
+        let queued = batcher.queued();
+        tracing::warn!(queued_rows = queued, "shutdown timeout: queued rows get 503");
+        batcher.abort();
+        // The 503s (and the batch already running) still have to reach their clients.
+        listener
+            .close(tokio::time::Instant::now() + Duration::from_secs(2))
+            .await;
     }
     batcher.close();
-    let _ = tokio::task::spawn_blocking(move || model_thread.join()).await;
+    // The model thread exits after the batch it is running; do not wait on it for ever.
+    let joined = tokio::task::spawn_blocking(move || model_thread.join());
+    let _ = tokio::time::timeout(Duration::from_secs(5), joined).await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -7,14 +7,20 @@
 //! request already queued.
 //!
 //! The directory is the source of truth: uploads are validated fully, then persisted atomically
-//! (temp file, fsync, rename), then swapped into the map. The watcher reconciles the map with the
-//! files on disk, so hand edits take effect and our own writes are recognised (same content hash)
-//! and not loaded twice.
+//! (temp file, fsync, rename), then swapped into the map. The watcher (`watch.rs`) reconciles the
+//! map with the files on disk, so hand edits take effect and our own writes are recognised (same
+//! content hash) and not loaded twice. Files are read by `disk.rs`, which never blocks on one:
+//! only regular files, opened non-blocking, size-capped, and never while a lock is held.
 
-use std::collections::{HashMap, HashSet};
+mod disk;
+mod watch;
+
+pub use watch::WatchGuard;
+
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::SystemTime;
 
 use crate::engine::Task;
 use crate::prefix::peft::{self, ImportOptions};
@@ -48,6 +54,7 @@ pub enum RegistryError {
 pub enum LoadOrigin {
     Startup,
     Watch,
+    Rescan,
     Upload,
 }
 
@@ -56,6 +63,7 @@ impl LoadOrigin {
         match self {
             Self::Startup => "startup",
             Self::Watch => "watch",
+            Self::Rescan => "rescan",
             Self::Upload => "upload",
         }
     }
@@ -82,6 +90,8 @@ pub struct Registry {
 struct Shared {
     dir: PathBuf,
     model: ModelInfo,
+    /// The largest prefix file read from the directory.
+    max_file_bytes: usize,
     tasks: RwLock<HashMap<String, Loaded>>,
     /// Serialises changes (disk + map) so two uploads of one task cannot interleave.
     writes: Mutex<()>,
@@ -90,30 +100,27 @@ struct Shared {
 
 impl Registry {
     /// Loads every prefix file in `dir` (created if missing). A bad file is logged, counted and
-    /// skipped; the rest still load.
+    /// skipped; the rest still load. Temp files left by a crashed writer are removed first.
     pub fn open(
         dir: &Path,
         model: ModelInfo,
+        max_file_bytes: usize,
         observer: Option<Arc<dyn RegistryObserver>>,
     ) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
+        disk::remove_stale_temp_files(dir);
         let registry = Self {
             shared: Arc::new(Shared {
                 dir: dir.to_path_buf(),
                 model,
+                max_file_bytes,
                 tasks: RwLock::new(HashMap::new()),
                 writes: Mutex::new(()),
                 observer,
             }),
         };
-        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| task_name_of(p).is_some())
-            .collect();
-        paths.sort();
-        for path in paths {
-            registry.reconcile(&path, LoadOrigin::Startup);
-        }
+        std::fs::read_dir(dir)?; // an unreadable directory is an error, not an empty registry
+        registry.rescan(LoadOrigin::Startup);
         Ok(registry)
     }
 
@@ -212,60 +219,26 @@ impl Registry {
         Ok(())
     }
 
-    /// Starts watching the directory; hand-made changes take effect until the guard is dropped.
-    pub fn watch(&self) -> notify::Result<WatchGuard> {
-        use notify::Watcher;
-        let (tx, rx) = mpsc::channel::<notify::Result<notify::Event>>();
-        let mut watcher = notify::recommended_watcher(tx)?;
-        watcher.watch(&self.shared.dir, notify::RecursiveMode::NonRecursive)?;
-        let registry = self.clone();
-        std::thread::Builder::new()
-            .name("prefix-watch".into())
-            .spawn(move || registry.watch_loop(rx))
-            .map_err(|e| notify::Error::io(e))?;
-        Ok(WatchGuard { _watcher: watcher })
-    }
-
-    /// Collects events until the directory has been quiet for a moment, so a file being copied in
-    /// is read once, whole.
-    fn watch_loop(&self, rx: mpsc::Receiver<notify::Result<notify::Event>>) {
-        const QUIET: Duration = Duration::from_millis(200);
-        let mut dirty: HashSet<PathBuf> = HashSet::new();
-        loop {
-            match rx.recv_timeout(QUIET) {
-                Ok(Ok(event)) => dirty.extend(
-                    event
-                        .paths
-                        .into_iter()
-                        .filter(|p| task_name_of(p).is_some()),
-                ),
-                Ok(Err(e)) => tracing::warn!(error = %e, "prefix directory watch error"),
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    for path in dirty.drain() {
-                        self.reconcile(&path, LoadOrigin::Watch);
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => return,
-            }
-        }
-    }
-
     /// Makes the map agree with one file on disk: load it if new or changed, drop it if gone.
+    ///
+    /// The file is read and validated with no lock held, so a slow or hostile file (a FIFO, a
+    /// huge sparse file) holds up this caller only, never uploads, deletes or readers. Only the
+    /// swap takes the writers' lock, and only if the file is still the one that was read.
     fn reconcile(&self, path: &Path, origin: LoadOrigin) {
         let Some(name) = task_name_of(path) else {
             return;
         };
-        let _guard = self.lock_writes();
-        let bytes = match std::fs::read(path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if self.remove(&name) {
+        let (bytes, stamp) = match disk::read_prefix_file(path, self.shared.max_file_bytes) {
+            Ok(Some(read)) => read,
+            Ok(None) => {
+                let _guard = self.lock_writes();
+                if !path.exists() && self.remove(&name) {
                     tracing::info!(task = %name, "prefix file removed; task unloaded");
                 }
                 return;
             }
             Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "cannot read prefix file");
+                tracing::warn!(path = %path.display(), error = %e, "prefix file not loaded; registry unchanged");
                 self.observe_load(origin, false);
                 return;
             }
@@ -280,6 +253,12 @@ impl Registry {
         });
         match loaded {
             Ok(task) => {
+                let _guard = self.lock_writes();
+                // Changed since it was read (an upload, or a copy still being written): install
+                // nothing; the change brings its own event.
+                if disk::stamp(path).as_ref() != Some(&stamp) {
+                    return;
+                }
                 tracing::info!(task = %name, version = %task.version, origin = origin.as_str(), "task loaded");
                 self.insert(&name, Arc::new(task));
                 self.observe_load(origin, true);
@@ -288,6 +267,26 @@ impl Registry {
                 tracing::warn!(path = %path.display(), error = %e, "prefix file rejected; registry unchanged");
                 self.observe_load(origin, false);
             }
+        }
+    }
+
+    /// Reconciles every prefix file in the directory and every task whose file is gone.
+    fn rescan(&self, origin: LoadOrigin) {
+        let mut paths: Vec<PathBuf> = match std::fs::read_dir(&self.shared.dir) {
+            Ok(entries) => entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| task_name_of(p).is_some())
+                .collect(),
+            Err(e) => {
+                tracing::warn!(dir = %self.shared.dir.display(), error = %e, "cannot list the prefixes directory");
+                return;
+            }
+        };
+        paths.extend(self.read().keys().map(|name| self.path_of(name)));
+        paths.sort();
+        paths.dedup();
+        for path in paths {
+            self.reconcile(&path, origin);
         }
     }
 
@@ -342,11 +341,6 @@ impl Registry {
     fn lock_writes(&self) -> std::sync::MutexGuard<'_, ()> {
         self.shared.writes.lock().unwrap_or_else(|e| e.into_inner())
     }
-}
-
-/// Keeps the directory watcher alive.
-pub struct WatchGuard {
-    _watcher: notify::RecommendedWatcher,
 }
 
 fn check_name(name: &str) -> Result<(), RegistryError> {
