@@ -137,9 +137,13 @@ fn mixed_tasks_from_many_concurrent_clients() {
     for t in threads {
         t.join().unwrap();
     }
-    // Rows of different tasks did share batches.
-    let text = server.get("/metrics").text;
-    assert!(text.contains("prefixd_batch_tasks_count"));
+    // Rows of different tasks did share batches: some batch held more than one task.
+    let batches = server.metric("prefixd_batch_tasks_count");
+    let single_task = server.metric("prefixd_batch_tasks_bucket{le=\"1\"}");
+    assert!(
+        batches > single_task,
+        "all {batches} batches held a single task: mixing never happened"
+    );
 }
 
 #[test]
@@ -226,6 +230,58 @@ fn requests_in_flight_at_sigterm_complete() {
     let server = std::sync::Arc::try_unwrap(server).ok().unwrap();
     let status = server.wait(Duration::from_secs(60));
     assert!(status.success(), "exit status {status:?}");
+}
+
+#[test]
+fn the_shutdown_timeout_is_kept_and_queued_rows_get_503() {
+    // Seconds of queued work, a 1 s shutdown timeout: the process must exit on time, every
+    // request answered: 200 if it ran, 503 with Retry-After if it was still queued.
+    let (_dir, server) = start(&[
+        "--shutdown-timeout",
+        "1",
+        "--max-inputs",
+        "256",
+        "--max-queue-rows",
+        "4096",
+    ]);
+    let server = std::sync::Arc::new(server);
+    let case = "multi4-p20";
+    let mut cs: Vec<Case> = cases(case);
+    cs.sort_by_key(|c| std::cmp::Reverse(c.input_ids.len()));
+    let inputs: Vec<Value> = (0..256).map(|i| as_json(&cs[i % 4])).collect();
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let (server, inputs) = (server.clone(), inputs.clone());
+            std::thread::spawn(move || {
+                let url = format!("{}/v1/classify", server.base);
+                let mut r = server
+                    .agent()
+                    .post(url)
+                    .send_json(json!({"task": case, "inputs": inputs}))
+                    .unwrap();
+                let status = r.status().as_u16();
+                let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+                let body: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+                if status == 503 {
+                    assert_eq!(body["error_type"], "shutting_down", "{body}");
+                    assert_eq!(retry.as_deref(), Some("5"), "503 without Retry-After");
+                } else {
+                    assert_eq!(status, 200, "{body}");
+                }
+                status
+            })
+        })
+        .collect();
+    server.eventually("rows queued", |s| s.metric("prefixd_queue_depth") > 1000.0);
+    let t0 = std::time::Instant::now();
+    server.sigterm();
+    let statuses: Vec<u16> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let server = std::sync::Arc::try_unwrap(server).ok().unwrap();
+    let status = server.wait(Duration::from_secs(30));
+    assert!(status.success(), "exit status {status:?}");
+    // 1 s timeout + the batch already running + a 2 s grace for the answers.
+    assert!(t0.elapsed() < Duration::from_secs(8), "exited after {:?}", t0.elapsed());
+    assert!(statuses.contains(&503), "no request was cut by the deadline: {statuses:?}");
 }
 
 #[test]

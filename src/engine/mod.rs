@@ -75,6 +75,7 @@ impl Engine {
             &config.model_dir.join("tokenizer.json"),
             config.max_length,
             model.config().max_position_embeddings,
+            model.config().vocab_size,
         )?;
         Ok(Self { model, text })
     }

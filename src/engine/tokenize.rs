@@ -64,12 +64,16 @@ struct Inner {
     base: tokenizers::Tokenizer,
     max_length: usize,
     max_positions: usize,
+    /// The model's vocabulary size: a tokenizer that is not the model's own can produce ids past
+    /// it, which must be refused here rather than index past the embedding table.
+    vocab_size: usize,
     by_limit: Mutex<HashMap<usize, Arc<tokenizers::Tokenizer>>>,
 }
 
 impl TextEncoder {
-    /// Loads `tokenizer.json`. `max_length` caps every input; the model's positions cap it further.
-    pub fn from_file(path: &Path, max_length: usize, max_positions: usize) -> Result<Self> {
+    /// Loads `tokenizer.json`. `max_length` caps every input; the model's positions cap it further;
+    /// ids must be below `vocab_size`.
+    pub fn from_file(path: &Path, max_length: usize, max_positions: usize, vocab_size: usize) -> Result<Self> {
         let mut base = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))?;
         // The shipped tokenizer.json pads to 128; padding is the batcher's job, not the tokenizer's.
@@ -79,6 +83,7 @@ impl TextEncoder {
                 base,
                 max_length: max_length.max(2),
                 max_positions,
+                vocab_size,
                 by_limit: Mutex::new(HashMap::new()),
             }),
         })
@@ -141,6 +146,13 @@ impl TextEncoder {
             Some(pair) => tok.encode((input.text.as_str(), pair.as_str()), true),
         }
         .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        if let Some(bad) = enc.get_ids().iter().find(|&&id| id as usize >= self.inner.vocab_size) {
+            return Err(EngineError::Input(format!(
+                "the tokenizer produced id {bad}, outside the model's vocabulary of {}: \
+                 tokenizer.json does not belong to this model",
+                self.inner.vocab_size
+            )));
+        }
         Ok(Encoded {
             ids: enc.get_ids().to_vec(),
             type_ids: enc.get_type_ids().to_vec(),

@@ -374,11 +374,39 @@ mod tests {
     }
 
     #[test]
-    fn custom_forwards_equal_the_inference_kernels() {
+    fn custom_forwards_match_the_definitions() {
+        // Each op's forward against its textbook formula, computed here in f64 (not against the
+        // candle kernel the op wraps, which would compare the kernel with itself).
         let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (4, 6), &dev).unwrap();
-        let a = x.apply_op1(Softmax).unwrap();
-        let b = candle_nn::ops::softmax_last_dim(&x).unwrap();
-        assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
+        let x = Tensor::randn(0f32, 2.0, (4, 6), &dev).unwrap();
+        let rows: Vec<Vec<f32>> = x.to_vec2().unwrap();
+        let got: Vec<Vec<f32>> = x.apply_op1(Softmax).unwrap().to_vec2().unwrap();
+        for (r, g) in rows.iter().zip(&got) {
+            let max = r.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+            let sum: f64 = r.iter().map(|&v| (v as f64 - max).exp()).sum();
+            for (v, g) in r.iter().zip(g) {
+                let want = (*v as f64 - max).exp() / sum;
+                assert!((want - *g as f64).abs() < 1e-6, "softmax {g} vs {want}");
+            }
+        }
+        let (gamma, beta) = (vec![1.5f32, -0.5, 2.0, 1.0, 0.25, 1.0], vec![0.1f32, 0.0, -0.2, 0.3, 0.0, 0.5]);
+        let ln = x
+            .apply_op1(LayerNorm {
+                weight: Tensor::new(gamma.as_slice(), &dev).unwrap(),
+                bias: Tensor::new(beta.as_slice(), &dev).unwrap(),
+                eps: 1e-5,
+            })
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (r, g) in rows.iter().zip(&ln) {
+            let n = r.len() as f64;
+            let mean = r.iter().map(|&v| v as f64).sum::<f64>() / n;
+            let var = r.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+            for (i, (v, g)) in r.iter().zip(g).enumerate() {
+                let want = (*v as f64 - mean) / (var + 1e-5).sqrt() * gamma[i] as f64 + beta[i] as f64;
+                assert!((want - *g as f64).abs() < 1e-5, "layer norm {g} vs {want}");
+            }
+        }
     }
 }

@@ -9,6 +9,7 @@ use axum::Json;
 use bytes::Bytes;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
+use utoipa::ToSchema;
 
 use super::api::TaskInfo;
 use super::error::{ApiError, ErrorBody};
@@ -141,26 +142,53 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// A native prefix file, as the body of an upload.
+#[derive(ToSchema)]
+#[schema(value_type = String, format = Binary)]
+#[allow(dead_code)] // documentation only
+pub struct PrefixFileBody(Vec<u8>);
+
+/// A PEFT adapter, as multipart form data.
+#[derive(ToSchema)]
+#[allow(dead_code)] // documentation only
+pub struct PeftUpload {
+    #[schema(rename = "adapter_config.json", value_type = String, format = Binary)]
+    adapter_config: Vec<u8>,
+    #[schema(rename = "adapter_model.safetensors", value_type = String, format = Binary)]
+    adapter_model: Vec<u8>,
+    /// JSON array of label names, in classifier-row order (default `LABEL_0`, …).
+    #[schema(example = r#"["negative","positive"]"#)]
+    labels: Option<String>,
+    /// `single_label` (softmax) or `multi_label` (sigmoid).
+    #[schema(example = "single_label")]
+    problem_type: Option<String>,
+}
+
 /// Upload or replace a task: a native prefix file, or a PEFT adapter as multipart form data.
 #[utoipa::path(
     put,
     path = "/v1/admin/tasks/{task}",
-    params(("task" = String, Path, description = "Task name: ^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")),
+    params(("task" = String, Path, description = "Task name", pattern = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")),
     request_body(
-        description = "`application/octet-stream`: a native prefix file. `multipart/form-data`: \
-                       fields `adapter_config.json` and `adapter_model.safetensors` (PEFT), optional \
-                       `labels` (JSON array of names) and `problem_type` (single_label | multi_label).",
-        content_type = "application/octet-stream",
-        content = Vec<u8>
+        description = "A native prefix file, or a PEFT adapter (its two files as form fields).",
+        content(
+            (PrefixFileBody = "application/octet-stream"),
+            (PeftUpload = "multipart/form-data"),
+        )
     ),
     responses(
         (status = 200, description = "Installed; serving now", body = TaskInfo),
         (status = 400, description = "Bad task name or malformed form", body = ErrorBody),
         (status = 401, description = "No bearer token", body = ErrorBody),
         (status = 403, description = "Wrong token, or admin disabled", body = ErrorBody),
+        (status = 408, description = "The body stalled or took too long", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Unsupported content type", body = ErrorBody),
         (status = 422, description = "Not a valid prefix for this model", body = ErrorBody),
+        (status = 429, description = "Too many uploads at once", body = ErrorBody,
+            headers(("Retry-After" = u32, description = "Seconds to wait"))),
+        (status = 500, description = "Storing the file failed", body = ErrorBody),
+        (status = 507, description = "No space left to store the file", body = ErrorBody),
     ),
     security(("bearer" = [])),
     tag = "admin"
@@ -266,7 +294,7 @@ async fn read_peft_form(mut form: Multipart) -> Result<PeftForm, ApiError> {
 #[utoipa::path(
     delete,
     path = "/v1/admin/tasks/{task}",
-    params(("task" = String, Path, description = "Task name")),
+    params(("task" = String, Path, description = "Task name", pattern = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")),
     responses(
         (status = 204, description = "Removed"),
         (status = 400, description = "Bad task name", body = ErrorBody),

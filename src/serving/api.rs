@@ -22,31 +22,36 @@ use crate::engine::{Prediction, TextInput};
 #[serde(deny_unknown_fields)]
 pub struct ClassifyRequest {
     /// The task (prefix) to classify with.
-    #[schema(example = "sst2")]
+    #[schema(example = "sst2", pattern = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
     pub task: String,
-    /// One text, or a list whose items are texts or `{"text", "text_pair"}` objects.
-    #[schema(value_type = Inputs)]
+    /// One text, or a non-empty list whose items are texts or `{"text", "text_pair"}` objects.
+    #[schema(schema_with = inputs_schema)]
     pub inputs: Value,
     /// Return the raw logits as `scores` instead of softmax/sigmoid probabilities.
     #[serde(default)]
     pub raw_scores: bool,
 }
 
-/// `inputs`: a string, or an array of strings and text-pair objects.
-#[allow(dead_code)] // documents the accepted shapes; parsing is by hand for precise errors
-#[derive(Deserialize, ToSchema)]
-#[serde(untagged)]
-pub enum Inputs {
-    One(String),
-    Many(Vec<InputItem>),
-}
-
-#[allow(dead_code)]
-#[derive(Deserialize, ToSchema)]
-#[serde(untagged)]
-pub enum InputItem {
-    Text(String),
-    Pair(TextPair),
+/// `inputs`: a string, or an array (at least one item) of strings and text-pair objects. Parsed
+/// by hand (`parse_inputs`) so that a bad item is named by its index; this is its documentation.
+fn inputs_schema() -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
+    use utoipa::openapi::Ref;
+    let text = || ObjectBuilder::new().schema_type(Type::String);
+    OneOfBuilder::new()
+        .item(text().description(Some("one text")))
+        .item(
+            ArrayBuilder::new()
+                .min_items(Some(1))
+                .items(
+                    OneOfBuilder::new()
+                        .item(text())
+                        .item(Ref::from_schema_name("TextPair")),
+                )
+                .description(Some("texts and text pairs, classified in order")),
+        )
+        .build()
+        .into()
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -206,13 +211,17 @@ fn json_kind(v: &Value) -> &'static str {
     request_body = ClassifyRequest,
     responses(
         (status = 200, description = "One result per input, in order", body = ClassifyResponse),
-        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 400, description = "Malformed JSON, or a body that ended early", body = ErrorBody),
         (status = 404, description = "Unknown task", body = ErrorBody),
+        (status = 408, description = "The body stalled or took too long", body = ErrorBody),
         (status = 413, description = "Body, input count or text too large", body = ErrorBody),
         (status = 415, description = "Not application/json", body = ErrorBody),
         (status = 422, description = "Well-formed JSON that is not a valid request", body = ErrorBody),
-        (status = 429, description = "Queue full; retry later", body = ErrorBody),
-        (status = 503, description = "Shutting down", body = ErrorBody),
+        (status = 429, description = "Queue full", body = ErrorBody,
+            headers(("Retry-After" = u32, description = "Seconds to wait"))),
+        (status = 500, description = "The model failed on this request's batch", body = ErrorBody),
+        (status = 503, description = "Shutting down, or the model is unavailable", body = ErrorBody,
+            headers(("Retry-After" = u32, description = "Seconds to wait"))),
     ),
     tag = "classify"
 )]
@@ -274,8 +283,12 @@ pub async fn list_tasks(State(state): State<Arc<AppState>>) -> Json<TaskList> {
 #[utoipa::path(
     get,
     path = "/v1/tasks/{task}",
-    params(("task" = String, Path, description = "Task name")),
-    responses((status = 200, body = TaskInfo), (status = 404, body = ErrorBody)),
+    params(("task" = String, Path, description = "Task name", pattern = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")),
+    responses(
+        (status = 200, body = TaskInfo),
+        (status = 400, description = "Not a valid task name", body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    ),
     tag = "tasks"
 )]
 pub async fn get_task(

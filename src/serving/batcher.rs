@@ -507,6 +507,103 @@ mod tests {
         assert_eq!(ids(&batch)[0], 0, "the oldest row is always served");
     }
 
+    /// A model that panics on rows whose first token is 666, fails on 777, answers the rest.
+    struct Flaky;
+
+    impl Backend for Flaky {
+        fn classify(&self, rows: &[Row<'_>]) -> Result<Vec<Prediction>, String> {
+            if rows.iter().any(|r| r.tokens.ids[0] == 666) {
+                panic!("boom");
+            }
+            if rows.iter().any(|r| r.tokens.ids[0] == 777) {
+                return Err("no good".into());
+            }
+            Ok(rows
+                .iter()
+                .map(|r| Prediction::from_logits(r.task, vec![r.tokens.ids[0] as f32, 0.0]))
+                .collect())
+        }
+    }
+
+    fn one(t: &Arc<Task>, id: u32) -> (Job, oneshot::Receiver<Result<Prediction, JobError>>) {
+        let (tx, rx) = oneshot::channel();
+        let job = Job {
+            task: t.clone(),
+            tokens: Encoded {
+                ids: vec![id, 1],
+                type_ids: vec![0, 0],
+            },
+            enqueued: Instant::now(),
+            reply: tx,
+        };
+        (job, rx)
+    }
+
+    #[test]
+    fn the_model_thread_survives_panics_and_reports_its_health() {
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let (batcher, thread) = Batcher::start(Flaky, BatcherConfig::default(), metrics.clone()).unwrap();
+        let t = task(2);
+        let ask = |id| {
+            let (job, rx) = one(&t, id);
+            batcher.submit(vec![job]).unwrap();
+            rx.blocking_recv().unwrap()
+        };
+        assert_eq!(ask(5).unwrap().logits[0], 5.0);
+        for _ in 0..UNREADY_AFTER_FAILURES {
+            assert!(matches!(ask(666), Err(JobError::Failed(m)) if m.contains("boom")));
+        }
+        assert_eq!(metrics.model_panics.get(), UNREADY_AFTER_FAILURES as u64);
+        assert!(batcher.health().alive());
+        assert!(batcher.health().problem().unwrap().contains("failed"));
+        assert!(matches!(ask(777), Err(JobError::Failed(m)) if m == "no good"));
+        // A good batch clears the failure streak.
+        assert_eq!(ask(9).unwrap().logits[0], 9.0);
+        assert_eq!(batcher.health().problem(), None);
+        batcher.close();
+        thread.join().unwrap();
+        assert!(!batcher.health().alive());
+        let (job, _rx) = one(&t, 1);
+        assert!(matches!(batcher.submit(vec![job]), Err(SubmitError::ModelGone)));
+    }
+
+    /// A backend that takes its time, so rows queue up behind it.
+    struct Slow;
+
+    impl Backend for Slow {
+        fn classify(&self, rows: &[Row<'_>]) -> Result<Vec<Prediction>, String> {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            Ok(rows
+                .iter()
+                .map(|r| Prediction::from_logits(r.task, vec![0.0, 1.0]))
+                .collect())
+        }
+    }
+
+    #[test]
+    fn abort_answers_queued_rows_shutdown_and_finishes_the_running_batch() {
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let config = BatcherConfig {
+            max_batch_rows: 1,
+            ..Default::default()
+        };
+        let (batcher, thread) = Batcher::start(Slow, config, metrics).unwrap();
+        let t = task(2);
+        let replies: Vec<_> = (0..5)
+            .map(|i| {
+                let (job, rx) = one(&t, i);
+                batcher.submit(vec![job]).unwrap();
+                rx
+            })
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(50)); // the first batch is running
+        batcher.abort();
+        let answers: Vec<_> = replies.into_iter().map(|rx| rx.blocking_recv().unwrap()).collect();
+        assert!(answers[0].is_ok(), "the running batch finishes");
+        assert!(answers[1..].iter().all(|a| *a == Err(JobError::Shutdown)), "{answers:?}");
+        thread.join().unwrap();
+    }
+
     #[test]
     fn row_limit_applies() {
         let t = task(1);

@@ -181,7 +181,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(DefaultBodyLimit::disable())
         .layer(middleware::from_fn(body::json_errors))
         .layer(
-            TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
+            // Failures are logged where they happen, with their reason; a 503 at shutdown or a
+            // 500 the model thread already reported is not news worth a second ERROR line.
+            TraceLayer::new_for_http().on_failure(()).make_span_with(|req: &axum::http::Request<_>| {
                 let id = req
                     .headers()
                     .get("x-request-id")
@@ -199,9 +201,8 @@ fn warm_up(engine: &Engine) -> anyhow::Result<()> {
     let info = engine.model_info().clone();
     let file = random_prefix(&info, "warmup", 4, 2, &mut rand::rng())?;
     let task = Task::from_file(&file, &info, &file.to_bytes()?)?;
-    let tokens = engine
-        .text_encoder()
-        .encode(&TextInput::single("warm up the model"), 4)?;
+    // The empty text is [CLS] [SEP]: in every vocabulary, whatever the tokenizer.
+    let tokens = engine.text_encoder().encode(&TextInput::single(""), 4)?;
     engine.classify(&[Row {
         task: &task,
         tokens: &tokens,

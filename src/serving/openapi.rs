@@ -20,9 +20,9 @@ use super::{admin, api, error};
     ),
     components(schemas(
         api::ClassifyRequest,
-        api::Inputs,
-        api::InputItem,
         api::TextPair,
+        admin::PrefixFileBody,
+        admin::PeftUpload,
         api::ClassifyResponse,
         api::ClassifyResult,
         api::TaskInfo,

@@ -104,3 +104,4 @@ pub fn argmax(xs: &[f32]) -> usize {
 }
 
 pub mod server;
+pub mod tiny;

@@ -41,10 +41,22 @@ impl Server {
     /// Starts a server on a free port over `dir`, with the admin token (through its environment
     /// variable, so `extra` may override it) and the fixtures' truncation length.
     pub fn start(dir: &Path, extra: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_prefixd"))
-            .arg("serve")
+        Self::start_with(&super::model_dir(), dir, extra, |_| {})
+    }
+
+    /// The same over the tiny test model (see `tiny.rs`).
+    pub fn start_tiny(dir: &Path, extra: &[&str]) -> Self {
+        Self::start_with(&super::tiny::model_dir(), dir, extra, |_| {})
+    }
+
+    /// Starts a server over `model`; `adjust` may change the command (environment, limits).
+    pub fn start_with(model: &Path, dir: &Path, extra: &[&str], adjust: impl FnOnce(&mut Command)) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_prefixd"));
+        cmd.arg("serve")
             .arg("--model")
-            .arg(super::model_dir())
+            .arg(model)
+            .arg("--device")
+            .arg("cpu")
             .arg("--prefixes")
             .arg(dir)
             .args(["--addr", "127.0.0.1:0", "--max-length", "128"])
@@ -52,9 +64,9 @@ impl Server {
             .env("PREFIXD_ADMIN_TOKEN", TOKEN)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("prefixd serve starts");
+            .stderr(Stdio::inherit());
+        adjust(&mut cmd);
+        let mut child = cmd.spawn().expect("prefixd serve starts");
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
         let base = loop {
@@ -83,6 +95,27 @@ impl Server {
 
     pub fn agent(&self) -> ureq::Agent {
         self.agent.clone()
+    }
+
+    /// `host:port` of the listener, for raw TCP.
+    pub fn addr(&self) -> String {
+        self.base.trim_start_matches("http://").to_string()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Resident memory of the server process, in bytes.
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        kb * 1024
     }
 
     fn reply(r: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Reply {
