@@ -38,6 +38,9 @@ pub struct BenchArgs {
     /// Measure training steps instead (forward, backward, AdamW; one task, dropout on).
     #[arg(long, conflicts_with = "latency")]
     pub train: bool,
+    /// Measure the CPU matrix kernels alone at the encoder's shapes (GFLOP/s).
+    #[arg(long, conflicts_with_all = ["latency", "train"])]
+    pub kernels: bool,
 }
 
 /// The sentence `torch_baseline.py --latency` uses (14 tokens with [CLS] and [SEP]).
@@ -64,12 +67,14 @@ fn timed(
     Ok(times)
 }
 
-/// Where and in what precision the engine ran, for every JSON line.
+/// Where and in what precision the engine ran, and which CPU kernels, for every JSON line.
 fn placement(engine: &Engine) -> serde_json::Value {
     let m = engine.model();
     json!({
         "device": crate::model::device::describe(m.device()),
         "dtype": format!("{:?}", m.dtype()).to_ascii_lowercase(),
+        "isa": crate::model::isa::active().name(),
+        "cpu_isa": crate::model::isa::detected().name(),
     })
 }
 
@@ -114,7 +119,32 @@ fn latency(engine: &Engine, task: &Task, args: &BenchArgs) -> anyhow::Result<()>
     Ok(())
 }
 
+/// GFLOP/s of the CPU matmul at the shapes one forward pass of the default model uses (rows =
+/// batch × seq_len; QKV, attention output, FFN in, FFN out).
+fn kernels(args: &BenchArgs) -> anyhow::Result<()> {
+    let m = args.batch * args.seq_len;
+    for (name, k, n) in [("qkv", 384, 1152), ("attn_out", 384, 384), ("ffn_in", 384, 1536), ("ffn_out", 1536, 384)] {
+        let reps = ((2e9 / (2.0 * (m * k * n) as f64)) as usize).clamp(3, 200);
+        println!(
+            "{}",
+            json!({
+                "engine": "prefixd",
+                "mode": "kernels",
+                "shape": name,
+                "m": m, "k": k, "n": n,
+                "isa": crate::model::isa::active().name(),
+                "threads": threads(),
+                "gflops": crate::model::gemm::measure(m, k, n, reps),
+            })
+        );
+    }
+    Ok(())
+}
+
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.kernels {
+        return kernels(&args);
+    }
     anyhow::ensure!(
         args.batch > 0 && args.tasks > 0,
         "--batch and --tasks must be at least 1"

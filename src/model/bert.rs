@@ -62,12 +62,8 @@ impl Linear {
 
     fn to_host(&self) -> Result<cpu::Dense> {
         let (inp, out) = self.weight_t.dims2()?;
-        Ok(cpu::Dense {
-            w: self.weight_t.flatten_all()?.to_vec1()?,
-            b: self.bias.to_vec1()?,
-            inp,
-            out,
-        })
+        let w: Vec<f32> = self.weight_t.flatten_all()?.to_vec1()?;
+        Ok(cpu::Dense::new(&w, self.bias.to_vec1()?, inp, out))
     }
 
     fn forward(&self, x: &Tensor, mode: &Mode<'_>) -> Result<Tensor> {

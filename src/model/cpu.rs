@@ -11,12 +11,14 @@
 
 use rayon::prelude::*;
 
+use super::gemm::{gemm, PackedB};
+use super::isa::{self, Isa};
 use super::kernels::{exp, gelu};
 
 /// The SIMD width our reductions accumulate in; any x86 vector unit up to AVX-512 fills it.
 const LANES: usize = 16;
 
-/// Runs `$body` compiled for AVX-512, AVX2+FMA or baseline, picked at run time.
+/// Runs `$body` compiled for AVX-512, AVX2+FMA or baseline, picked at run time (`isa::active`).
 macro_rules! dispatch {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
         $(#[$m])*
@@ -30,12 +32,11 @@ macro_rules! dispatch {
                 unsafe fn avx512($($arg: $ty),*) { body($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) { body($($arg),*) }
-                // SAFETY: each variant runs only where the CPU reports its features.
-                if std::is_x86_feature_detected!("avx512f") {
-                    return unsafe { avx512($($arg),*) };
-                }
-                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                    return unsafe { avx2($($arg),*) };
+                // SAFETY: `isa::active` never exceeds what the CPU reports.
+                match isa::active() {
+                    Isa::Avx512 => return unsafe { avx512($($arg),*) },
+                    Isa::Avx2 => return unsafe { avx2($($arg),*) },
+                    Isa::Baseline => {}
                 }
             }
             body($($arg),*)
@@ -70,63 +71,30 @@ fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// A dense layer, weight stored `[in, out]` row-major.
+/// A dense layer: its weight packed once for the micro-kernels (`gemm.rs`), and its bias.
 pub(crate) struct Dense {
-    pub w: Vec<f32>,
+    pub w: PackedB,
     pub b: Vec<f32>,
-    pub inp: usize,
-    pub out: usize,
 }
 
 impl Dense {
+    /// `w` is `[in, out]` row-major.
+    pub fn new(w: &[f32], b: Vec<f32>, inp: usize, out: usize) -> Self {
+        assert_eq!(b.len(), out, "bias is not {out} long");
+        Self {
+            w: PackedB::pack(w, inp, out),
+            b,
+        }
+    }
+
     /// `y[rows, out] = x[rows, in] · W + b`, the bias written first and accumulated into.
     pub fn forward(&self, x: &[f32], rows: usize, y: &mut Vec<f32>) {
         y.clear();
-        y.reserve(rows * self.out);
+        y.reserve(rows * self.w.n());
         for _ in 0..rows {
             y.extend_from_slice(&self.b);
         }
-        // The gemm call below trusts these lengths; a wrong one would read out of bounds.
-        assert!(
-            x.len() >= rows * self.inp && self.w.len() == self.inp * self.out && self.b.len() == self.out,
-            "dense layer: {} inputs for {rows}×{}, weight {} for {}×{}",
-            x.len(),
-            self.inp,
-            self.w.len(),
-            self.inp,
-            self.out
-        );
-        let threads = rayon::current_num_threads();
-        let par = if rows * self.out * self.inp >= 1 << 16 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
-        // SAFETY: y holds rows×out floats (reserved and filled above), x at least rows×in and w
-        // in×out (asserted), row-major as the strides say; y is not aliased.
-        unsafe {
-            gemm::gemm(
-                rows,
-                self.out,
-                self.inp,
-                y.as_mut_ptr(),
-                1,
-                self.out as isize,
-                true,
-                x.as_ptr(),
-                1,
-                self.inp as isize,
-                self.w.as_ptr(),
-                1,
-                self.out as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                par,
-            );
-        }
+        gemm(x, rows, &self.w, y);
     }
 }
 

@@ -86,13 +86,11 @@ macro_rules! elementwise {
             fn run(src: &[f32], dst: &mut [f32]) {
                 #[cfg(target_arch = "x86_64")]
                 {
-                    // SAFETY: each variant runs only where the CPU reports its features.
-                    if std::is_x86_feature_detected!("avx512f") {
-                        return unsafe { avx512(src, dst) };
-                    }
-                    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-                    {
-                        return unsafe { avx2(src, dst) };
+                    // SAFETY: `isa::active` never exceeds what the CPU reports.
+                    match super::isa::active() {
+                        super::isa::Isa::Avx512 => return unsafe { avx512(src, dst) },
+                        super::isa::Isa::Avx2 => return unsafe { avx2(src, dst) },
+                        super::isa::Isa::Baseline => {}
                     }
                 }
                 body(src, dst)

@@ -9,6 +9,8 @@ mod config;
 mod cpu;
 pub mod device;
 mod fused;
+pub mod gemm;
+pub mod isa;
 mod kernels;
 mod prefix_kv;
 mod train_ops;
