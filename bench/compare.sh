@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
-# prefixd vs PyTorch + PEFT on this machine, side by side, same shapes and threads (P = 20,
-# MiniLM-L6, fp32). Prints each engine's JSON lines, then the ratio table.
+# prefixd vs PyTorch + PEFT vs ONNX Runtime on this machine, side by side: same shapes, same
+# threads, one run (P = 20, MiniLM-L6, fp32). Prints each engine's JSON lines, then the table.
 #
-#   bench/compare.sh [seconds=5]
+#   bench/compare.sh [--isa native|avx2] [seconds=5]
 #
-# Needs the PyTorch yardstick's environment (see ../shared/bench/torch_baseline.py):
+# --isa avx2 caps prefixd (PREFIXD_ISA) and PyTorch (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA,
+# MKL_ENABLE_INSTRUCTIONS) at AVX2 + FMA, so an AVX-512 machine measures what an AVX2-only one
+# runs. ONNX Runtime cannot be capped (MLAS reads CPUID itself): its figures stay native, which
+# makes the AVX2 comparison a conservative one for prefixd. Each engine reports the kernels it ran.
+#
+# Needs the yardsticks' environment (outside the repository):
 #   python3 -m venv /tmp/torchref && /tmp/torchref/bin/pip install -r ../shared/bench/requirements.txt
 # Override its interpreter with TORCH_PYTHON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+isa=native
+if [ "${1:-}" = "--isa" ]; then isa=$2; shift 2; fi
 secs=${1:-5}
 py=${TORCH_PYTHON:-/tmp/torchref/bin/python}
 [ -x "$py" ] || { echo "no PyTorch environment at $py (see the header of this script)" >&2; exit 1; }
@@ -18,16 +25,30 @@ model=models/all-minilm-l6-v2
 adapter=../shared/fixtures/peft/multi4-p20   # P = 20
 out=$(mktemp); trap 'rm -f "$out"' EXIT
 export RAYON_NUM_THREADS=${RAYON_NUM_THREADS:-2}
+case $isa in
+  native) ;;
+  avx2) export PREFIXD_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ;;
+  *) echo "--isa native|avx2" >&2; exit 1 ;;
+esac
+echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs); avx512f: $(grep -qw avx512f /proc/cpuinfo && echo yes || echo no); isa: $isa"
+"$py" -c "import torch; print('pytorch kernels:', torch.backends.cpu.get_cpu_capability())"
 
 run() { echo "$1 $("${@:2}")" | tee -a "$out"; }
+torch_() { "$py" ../shared/bench/torch_baseline.py --model $model --adapter $adapter --seconds "$secs" "$@"; }
+ort_() { "$py" bench/ort_baseline.py --model $model --adapter $adapter --seconds "$secs" "$@" 2>/dev/null; }
+pfx_() { target/release/prefixd bench --model $model --prefix-len 20 --seconds "$secs" "$@"; }
 for shape in "32 64" "8 16"; do
   set -- $shape
-  run "torch-$1x$2" "$py" ../shared/bench/torch_baseline.py --model $model --adapter $adapter --batch "$1" --seq-len "$2" --seconds "$secs"
-  run "prefixd-$1x$2" target/release/prefixd bench --model $model --batch "$1" --seq-len "$2" --prefix-len 20 --seconds "$secs"
+  run "torch-$1x$2" torch_ --batch "$1" --seq-len "$2"
+  run "ort-$1x$2" ort_ --variant prefix --batch "$1" --seq-len "$2"
+  run "ortplain-$1x$2" ort_ --variant plain --batch "$1" --seq-len "$2"
+  run "prefixd-$1x$2" pfx_ --batch "$1" --seq-len "$2"
 done
-run "prefixd-32x64-32tasks" target/release/prefixd bench --model $model --batch 32 --seq-len 64 --prefix-len 20 --tasks 32 --seconds "$secs"
-run "torch-latency" "$py" ../shared/bench/torch_baseline.py --model $model --adapter $adapter --latency --seconds "$secs"
-run "prefixd-latency" target/release/prefixd bench --model $model --prefix-len 20 --latency --seconds "$secs"
+run "prefixd-32x64-32tasks" pfx_ --batch 32 --seq-len 64 --tasks 32
+run "torch-latency" torch_ --latency
+run "ort-latency" ort_ --variant prefix --latency
+run "ortplain-latency" ort_ --variant plain --latency
+run "prefixd-latency" pfx_ --latency
 
 python3 - "$out" <<'PY'
 import json, sys
@@ -36,13 +57,15 @@ for line in open(sys.argv[1]):
     name, js = line.split(" ", 1)
     r[name] = json.loads(js)
 print()
-print("| measure | PyTorch + PEFT | prefixd | prefixd / PyTorch |")
-print("|---|---:|---:|---:|")
+print("| measure | PyTorch + PEFT | ORT (prefix) | ORT (plain) | prefixd | prefixd / PyTorch | prefixd / ORT (prefix) | prefixd / ORT (plain) |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|")
 for shape in ["32x64", "8x16"]:
-    t, p = r[f"torch-{shape}"]["seq_per_s"], r[f"prefixd-{shape}"]["seq_per_s"]
-    print(f"| throughput {shape.replace('x', ' rows x ')} tokens (seq/s) | {t:.1f} | {p:.1f} | **{p / t:.2f}x** |")
-t, p = r["torch-latency"]["median_ms"], r["prefixd-latency"]["median_ms"]
-print(f"| latency, one {r['prefixd-latency']['tokens']}-token request (median ms) | {t:.2f} | {p:.2f} | **{p / t:.2f}x** (lower is better) |")
+    t, o, op, p = (r[f"{e}-{shape}"]["seq_per_s"] for e in ["torch", "ort", "ortplain", "prefixd"])
+    print(f"| throughput {shape.replace('x', ' × ')} (seq/s) | {t:.1f} | {o:.1f} | {op:.1f} | {p:.1f} | **{p / t:.2f}×** | **{p / o:.2f}×** | {p / op:.2f}× |")
+t, o, op, p = (r[f"{e}-latency"]["median_ms"] for e in ["torch", "ort", "ortplain", "prefixd"])
+print(f"| latency, one {r['prefixd-latency']['tokens']}-token request (median ms, lower is better) | {t:.2f} | {o:.2f} | {op:.2f} | {p:.2f} | **{p / t:.2f}×** | **{p / o:.2f}×** | {p / op:.2f}× |")
 s, m = r["prefixd-32x64"]["seq_per_s"], r["prefixd-32x64-32tasks"]["seq_per_s"]
-print(f"| 32 tasks in one 32 x 64 batch vs one task (prefixd) | | {m:.1f} vs {s:.1f} | **{m / s:.2f}x** |")
+print(f"| 32 tasks in one 32 × 64 batch vs one task (prefixd) | | | | {m:.1f} vs {s:.1f} | **{m / s:.2f}×** | | |")
+print(f"\nprefixd kernels: {r['prefixd-32x64']['placement']['isa']} (CPU: {r['prefixd-32x64']['placement']['cpu_isa']}); "
+      f"ORT prefix export vs PEFT: {r['ort-latency'].get('ort_max_abs_logit_diff_vs_peft', 'n/a')}")
 PY

@@ -29,6 +29,8 @@ pub(crate) struct HostBatch {
     /// `[B, Pmax + S]` additive key mask: 0 where attended, −∞ for padded prefix slots and
     /// padded tokens.
     pub mask: Vec<f32>,
+    /// Each row's real tokens (the rest of its S slots is padding).
+    pub lens: Vec<usize>,
 }
 
 /// The same, as tensors for the candle path.
@@ -131,6 +133,7 @@ impl HostBatch {
             types,
             positions,
             mask,
+            lens: rows.iter().map(|r| r.0.len()).collect(),
         })
     }
 }

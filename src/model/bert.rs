@@ -370,6 +370,7 @@ impl PrefixedBert {
             pooler: self.pooler.to_host()?,
             hidden: self.config.hidden_size,
             heads: self.config.num_attention_heads,
+            workspace: Default::default(),
         })
     }
 
@@ -429,7 +430,14 @@ impl PrefixedBert {
     pub fn pooled(&self, rows: &[EncoderRow<'_>]) -> Result<Vec<Vec<f32>>> {
         match &self.host {
             Some(host) => {
-                let (batch, prefixes) = self.host_inputs(rows)?;
+                let dims = self.dims();
+                gather_check(rows, &dims)?;
+                let tokens: Vec<(&[u32], &[u32], usize)> = rows
+                    .iter()
+                    .map(|r| (r.input_ids, r.type_ids, r.prefix.num_virtual_tokens()))
+                    .collect();
+                let batch = HostBatch::build(&tokens, &dims)?;
+                let prefixes: Vec<&super::PrefixKv> = rows.iter().map(|r| r.prefix).collect();
                 let hd = self.config.hidden_size;
                 Ok(host
                     .pooled(&batch, &prefixes)

@@ -5,8 +5,9 @@
 //! The structure is the classic one (GotoBLAS/BLIS):
 //! - B is packed at load into panels of NR columns, k-major, so the micro-kernel streams it with
 //!   unit stride (`PackedB`);
-//! - A is packed per call into blocks of MC rows, as micro-panels of MR rows, k-major (one
-//!   broadcast per row and k);
+//! - A is read in place (see `block`): each kernel broadcasts from its MR rows;
+//! - the tile's epilogue adds the bias and applies GELU before the store (`Epilogue`), so dense
+//!   layers need no separate passes for them;
 //! - a micro-kernel keeps an MR × NR tile of C in registers over the whole k loop: 6 × 16 with
 //!   AVX2 + FMA (12 ymm accumulators), 12 × 32 with AVX-512 (24 zmm);
 //! - the two cores split row blocks, or, when there are too few rows (a single short request),
@@ -15,9 +16,9 @@
 //! rounding (parity with PEFT is unchanged, and tested).
 
 use rayon::prelude::*;
-use std::cell::RefCell;
 
 use super::isa::{self, Isa};
+use super::kernels::gelu;
 
 /// Rows of A per block: an MC × K block of packed A stays in L2 while all panels pass over it.
 const MC: usize = 96;
@@ -30,7 +31,9 @@ fn tile(isa: Isa) -> (usize, usize) {
     }
 }
 
-/// A frozen `[k, n]` weight packed for the micro-kernels of the ISA chosen at load.
+/// A `[k, n]` right-hand matrix packed for the micro-kernels of the active ISA: a frozen weight
+/// (packed once at load), or per call the keys and values of one attention head (repacked into a
+/// reused buffer).
 pub struct PackedB {
     k: usize,
     n: usize,
@@ -40,24 +43,82 @@ pub struct PackedB {
 }
 
 impl PackedB {
+    pub fn empty() -> Self {
+        Self {
+            k: 0,
+            n: 0,
+            isa: isa::active(),
+            data: Vec::new(),
+        }
+    }
+
     /// Packs `w`, `[k, n]` row-major.
     pub fn pack(w: &[f32], k: usize, n: usize) -> Self {
         assert_eq!(w.len(), k * n, "weight is not {k} × {n}");
-        let isa = isa::active();
-        let (_, nr) = tile(isa);
-        let panels = n.div_ceil(nr);
-        let mut data = vec![0f32; panels * k * nr];
-        for (j, panel) in data.chunks_exact_mut(k * nr).enumerate() {
-            let cols = nr.min(n - j * nr);
-            for p in 0..k {
-                panel[p * nr..p * nr + cols].copy_from_slice(&w[p * n + j * nr..p * n + j * nr + cols]);
+        let mut b = Self::empty();
+        b.repack(k, n, |p| &w[p * n..(p + 1) * n]);
+        b
+    }
+
+    fn reset(&mut self, k: usize, n: usize) -> usize {
+        let (_, nr) = tile(self.isa);
+        self.k = k;
+        self.n = n;
+        self.data.clear();
+        self.data.resize(n.div_ceil(nr) * k * nr, 0.0);
+        nr
+    }
+
+    /// B[p][·] = `row(p)` (n values each), p < k.
+    pub fn repack<'a>(&mut self, k: usize, n: usize, row: impl Fn(usize) -> &'a [f32]) {
+        let nr = self.reset(k, n);
+        for p in 0..k {
+            let src = row(p);
+            for (j, panel) in self.data.chunks_exact_mut(k * nr).enumerate() {
+                let cols = nr.min(n - j * nr);
+                panel[p * nr..p * nr + cols].copy_from_slice(&src[j * nr..j * nr + cols]);
             }
         }
-        Self { k, n, isa, data }
+    }
+
+    /// The transpose: B[p][j] = `col(j)[p]` — `col(j)` is column j, k values (attention's keys:
+    /// B = Kᵀ with `col(t)` the key of token t).
+    pub fn repack_transposed<'a>(&mut self, k: usize, n: usize, col: impl Fn(usize) -> &'a [f32]) {
+        let nr = self.reset(k, n);
+        for j in 0..n {
+            let (panel, c) = (j / nr, j % nr);
+            let dst = &mut self.data[panel * k * nr..(panel + 1) * k * nr];
+            for (p, &v) in col(j)[..k].iter().enumerate() {
+                dst[p * nr + c] = v;
+            }
+        }
     }
 
     pub fn n(&self) -> usize {
         self.n
+    }
+}
+
+/// What the kernel does to a finished tile before storing it: `C = A·B`, `+ bias` (one value per
+/// column), and then the exact GELU. Done while the tile is in registers or L1, so a dense layer
+/// needs no separate pass to add its bias or apply its activation.
+#[derive(Clone, Copy)]
+pub enum Epilogue<'a> {
+    None,
+    Bias(&'a [f32]),
+    BiasGelu(&'a [f32]),
+}
+
+impl Epilogue<'_> {
+    fn bias(&self) -> Option<&[f32]> {
+        match self {
+            Self::None => None,
+            Self::Bias(b) | Self::BiasGelu(b) => Some(b),
+        }
+    }
+
+    fn gelu(&self) -> bool {
+        matches!(self, Self::BiasGelu(_))
     }
 }
 
@@ -75,27 +136,34 @@ impl CPtr {
     }
 }
 
-thread_local! {
-    /// Each thread's packed-A buffer, reused from call to call.
-    static PACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// `c[m, n] += a[m, k] · b`; `a` row-major with `k` columns, `c` row-major with `n` columns.
-pub fn gemm(a: &[f32], m: usize, b: &PackedB, c: &mut [f32]) {
+/// `c[m, n] = epilogue(a[m, k] · b)`; `a` row-major with `k` columns, `c` row-major with `n`
+/// columns (resized to fit). Both cores share the work.
+pub fn gemm(a: &[f32], m: usize, b: &PackedB, c: &mut Vec<f32>, epilogue: Epilogue<'_>) {
     let (k, n) = (b.k, b.n);
     // The kernels below index by these lengths through raw pointers.
-    assert!(a.len() >= m * k && c.len() >= m * n, "gemm: buffers too small for {m}×{k}·{k}×{n}");
+    assert!(a.len() >= m * k, "gemm: A too small for {m}×{k}");
+    if let Some(bias) = epilogue.bias() {
+        assert_eq!(bias.len(), n, "gemm: bias is not {n} long");
+    }
+    c.clear();
+    c.reserve(m * n);
+    // SAFETY: every element below m·n is written by the tiles (each row block covers all panels).
+    unsafe { c.set_len(m * n) };
     if m == 0 || n == 0 {
         return;
     }
-    let (mr, nr) = tile(b.isa);
+    let nr = tile(b.isa).1;
     let panels = n.div_ceil(nr);
     let threads = rayon::current_num_threads().max(1);
-    // Row blocks of up to MC rows (a multiple of MR); with fewer blocks than threads, each
-    // block's panels are split between threads instead.
-    let mc = MC.min(m.div_ceil(mr) * mr).max(mr);
+    // Many rows: blocks of MC rows, each over all panels, spread over the threads. Few rows
+    // (up to two blocks per thread): one block of all rows, its panels split in 2 chunks per
+    // thread — row blocks would leave a core idle (128 rows made blocks of 96 and 32).
+    let (mc, panel_chunks) = if m > MC * threads * 2 {
+        (MC, 1)
+    } else {
+        (m.max(1), (2 * threads).min(panels))
+    };
     let row_blocks = m.div_ceil(mc);
-    let panel_chunks = if row_blocks >= threads { 1 } else { threads.min(panels) };
     let per_chunk = panels.div_ceil(panel_chunks);
     let items = row_blocks * panel_chunks;
     let cp = CPtr(c.as_mut_ptr());
@@ -103,28 +171,10 @@ pub fn gemm(a: &[f32], m: usize, b: &PackedB, c: &mut [f32]) {
         let (rb, pc) = (item / panel_chunks, item % panel_chunks);
         let (r0, rows) = (rb * mc, mc.min(m - rb * mc));
         let (p0, p1) = (pc * per_chunk, ((pc + 1) * per_chunk).min(panels));
-        if p0 >= p1 {
-            return;
+        if p0 < p1 {
+            // SAFETY: this item owns rows r0..r0+rows × panels p0..p1 of C; bounds asserted above.
+            unsafe { block(&a[r0 * k..], k, rows, b, p0..p1, cp.at(r0 * n), n, epilogue) };
         }
-        PACK.with(|buf| {
-            let mut buf = buf.borrow_mut();
-            let blocks = rows.div_ceil(mr);
-            buf.clear();
-            buf.resize(blocks * mr * k, 0.0);
-            pack_a(&a[r0 * k..(r0 + rows) * k], rows, k, mr, &mut buf);
-            for j in p0..p1 {
-                let bp = &b.data[j * k * nr..(j + 1) * k * nr];
-                let cols = nr.min(n - j * nr);
-                for blk in 0..blocks {
-                    let ap = &buf[blk * mr * k..(blk + 1) * mr * k];
-                    let row = r0 + blk * mr;
-                    let live = mr.min(m - row);
-                    // SAFETY: rows row..row+live and columns j·NR..j·NR+cols of C belong to
-                    // this item alone; `micro` writes no more than that.
-                    unsafe { micro(b.isa, k, ap, bp, cp.at(row * n + j * nr), n, live, cols) };
-                }
-            }
-        });
     };
     if items == 1 || m * n * k < 1 << 15 {
         (0..items).for_each(work);
@@ -133,79 +183,128 @@ pub fn gemm(a: &[f32], m: usize, b: &PackedB, c: &mut [f32]) {
     }
 }
 
-/// `rows × k` of A into micro-panels of MR rows, k-major; rows past the end are zero.
-fn pack_a(a: &[f32], rows: usize, k: usize, mr: usize, out: &mut [f32]) {
-    for (blk, panel) in out.chunks_exact_mut(mr * k).enumerate() {
-        for i in 0..mr {
-            let r = blk * mr + i;
-            if r >= rows {
-                for p in 0..k {
-                    panel[p * mr + i] = 0.0;
-                }
-                continue;
-            }
-            let src = &a[r * k..(r + 1) * k];
-            for (p, &v) in src.iter().enumerate() {
-                panel[p * mr + i] = v;
-            }
-        }
+/// `c = a · b` on the calling thread, for small products inside work that is already parallel
+/// (attention heads): `a` is `m` rows of `b.k` values, `lda` apart; `c` is `m` rows, `ldc` apart.
+pub fn gemm_strided(a: &[f32], lda: usize, m: usize, b: &PackedB, c: &mut [f32], ldc: usize) {
+    let (k, n) = (b.k, b.n);
+    if m == 0 || n == 0 {
+        return;
     }
+    assert!(
+        lda >= k && ldc >= n && a.len() >= (m - 1) * lda + k && c.len() >= (m - 1) * ldc + n,
+        "gemm_strided: buffers too small for {m}×{k}·{k}×{n}"
+    );
+    let panels = n.div_ceil(tile(b.isa).1);
+    // SAFETY: c holds m rows of n floats, ldc apart (asserted); nothing else writes it.
+    unsafe { block(a, lda, m, b, 0..panels, c.as_mut_ptr(), ldc, Epilogue::None) };
 }
 
-/// One MR × NR tile: `C += Ã · B̃`. A partial tile (fewer live rows or columns) goes through a
-/// scratch tile so the kernel itself never needs bounds.
+/// Runs every micro-kernel of `rows` rows of A (`lda` apart) against panels `panels` of B.
+///
+/// A is read in place: a tile's kernel broadcasts from its rows directly (short sequential
+/// streams, in L1 for K = 384). Packing A first, as BLAS libraries do, cost 6% of a forward pass
+/// and measured no faster at these shapes. The last rows run a kernel of their own size; a
+/// partial last panel writes through a scratch tile.
 ///
 /// # Safety
-/// `c` addresses `live` rows of `cols` writable floats, `ldc` apart; `a` and `b` hold `k·MR` and
-/// `k·NR` floats.
+/// `c` addresses `rows` rows of at least `b.n` writable floats, `ldc` apart, that no one else
+/// touches meanwhile; `a` holds the rows.
 #[allow(clippy::too_many_arguments)]
-unsafe fn micro(isa: Isa, k: usize, a: &[f32], b: &[f32], c: *mut f32, ldc: usize, live: usize, cols: usize) {
-    let (mr, nr) = tile(isa);
-    if live == mr && cols == nr {
-        return kernel(isa, k, a.as_ptr(), b.as_ptr(), c, ldc);
-    }
+unsafe fn block(
+    a: &[f32],
+    lda: usize,
+    rows: usize,
+    b: &PackedB,
+    panels: std::ops::Range<usize>,
+    c: *mut f32,
+    ldc: usize,
+    epilogue: Epilogue<'_>,
+) {
+    let (k, n) = (b.k, b.n);
+    let (mr, nr) = tile(b.isa);
     let mut scratch = [0f32; 12 * 32];
-    for i in 0..live {
-        for j in 0..cols {
-            scratch[i * nr + j] = *c.add(i * ldc + j);
-        }
-    }
-    kernel(isa, k, a.as_ptr(), b.as_ptr(), scratch.as_mut_ptr(), nr);
-    for i in 0..live {
-        for j in 0..cols {
-            *c.add(i * ldc + j) = scratch[i * nr + j];
+    for j in panels {
+        let bp = b.data[j * k * nr..].as_ptr();
+        let cols = nr.min(n - j * nr);
+        let bias = epilogue.bias().map(|bias| &bias[j * nr..j * nr + cols]);
+        for r0 in (0..rows).step_by(mr) {
+            let live = mr.min(rows - r0);
+            let (ap, cp) = (a.as_ptr().add(r0 * lda), c.add(r0 * ldc + j * nr));
+            if cols == nr {
+                let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
+                kernel(b.isa, live, k, ap, lda, bp, cp, ldc, bias, epilogue.gelu());
+                continue;
+            }
+            // The last, partial panel: a full-width scratch tile, then the live columns.
+            kernel(b.isa, live, k, ap, lda, bp, scratch.as_mut_ptr(), nr, std::ptr::null(), false);
+            for i in 0..live {
+                for jj in 0..cols {
+                    let mut v = scratch[i * nr + jj] + bias.map_or(0.0, |b| b[jj]);
+                    if epilogue.gelu() {
+                        v = gelu(v);
+                    }
+                    *cp.add(i * ldc + jj) = v;
+                }
+            }
         }
     }
 }
 
+/// One tile of `rows` ≤ MR rows × NR columns, A read in place: `C = Ã·B̃ (+ bias) (then
+/// GELU)`. Each row count has its own kernel, so the last rows of a product cost what they are,
+/// not a whole padded tile (a 14-row request is one 12-row and one 2-row tile). `bias` is null
+/// or NR values.
+///
 /// # Safety
-/// As [`micro`], with a full MR × NR tile.
-unsafe fn kernel(isa: Isa, k: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize) {
+/// `a`: `rows` rows of k floats, `lda` apart; `b`: a k × NR panel; `c`: `rows` rows of NR
+/// writable floats, `ldc` apart.
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel(isa: Isa, rows: usize, k: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, bias: *const f32, gelu: bool) {
+    macro_rules! by_rows {
+        ($f:ident, $($r:literal)*) => {
+            match rows {
+                $($r => x86::$f::<$r>(k, a, lda, b, c, ldc, bias, gelu),)*
+                _ => unreachable!("tile rows checked by the caller"),
+            }
+        };
+    }
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => x86::kernel_12x32(k, a, b, c, ldc),
+        Isa::Avx512 => by_rows!(kernel_x32, 1 2 3 4 5 6 7 8 9 10 11 12),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => x86::kernel_6x16(k, a, b, c, ldc),
-        _ => kernel_4x8(k, a, b, c, ldc),
+        Isa::Avx2 => by_rows!(kernel_x16, 1 2 3 4 5 6),
+        _ => kernel_4x8(rows, k, a, lda, b, c, ldc, bias, gelu),
     }
 }
 
-/// The portable kernel (and the baseline x86-64 one): plain loops the compiler vectorizes.
-unsafe fn kernel_4x8(k: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize) {
+/// The portable kernel (and the baseline x86-64 one), up to 4 rows × 8 columns: plain loops the
+/// compiler vectorizes.
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_4x8(rows: usize, k: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, bias: *const f32, gelu: bool) {
     let mut acc = [[0f32; 8]; 4];
     for p in 0..k {
         let bv = std::slice::from_raw_parts(b.add(p * 8), 8);
-        for (i, row) in acc.iter_mut().enumerate() {
-            let av = *a.add(p * 4 + i);
+        for (i, row) in acc.iter_mut().enumerate().take(rows) {
+            let av = *a.add(i * lda + p);
             for (x, &y) in row.iter_mut().zip(bv) {
                 *x += av * y;
             }
         }
     }
-    for (i, row) in acc.iter().enumerate() {
+    for (i, row) in acc.iter().enumerate().take(rows) {
         for (j, v) in row.iter().enumerate() {
-            *c.add(i * ldc + j) += v;
+            *c.add(i * ldc + j) = finish(*v, bias, j, gelu);
         }
+    }
+}
+
+#[inline(always)]
+unsafe fn finish(v: f32, bias: *const f32, j: usize, apply_gelu: bool) -> f32 {
+    let v = if bias.is_null() { v } else { v + *bias.add(j) };
+    if apply_gelu {
+        gelu(v)
+    } else {
+        v
     }
 }
 
@@ -213,45 +312,69 @@ unsafe fn kernel_4x8(k: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: u
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// AVX2 + FMA, 6 rows × 16 columns: 12 accumulators, 2 B loads and 6 broadcasts per k.
+    /// The GELU of a stored tile row, compiled for the kernel's ISA (it is inlined there).
+    #[inline(always)]
+    unsafe fn gelu_row(row: *mut f32, len: usize) {
+        for v in std::slice::from_raw_parts_mut(row, len) {
+            *v = super::gelu(*v);
+        }
+    }
+
+    /// AVX2 + FMA, R ≤ 6 rows × 16 columns: 2R accumulators, 2 B loads and R broadcasts per k.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn kernel_6x16(k: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize) {
-        let mut acc = [[_mm256_setzero_ps(); 2]; 6];
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn kernel_x16<const R: usize>(k: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, bias: *const f32, gelu: bool) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
         for p in 0..k {
             let b0 = _mm256_loadu_ps(b.add(p * 16));
             let b1 = _mm256_loadu_ps(b.add(p * 16 + 8));
-            let ap = a.add(p * 6);
             for (i, row) in acc.iter_mut().enumerate() {
-                let ai = _mm256_broadcast_ss(&*ap.add(i));
+                let ai = _mm256_broadcast_ss(&*a.add(i * lda + p));
                 row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
                 row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
             }
         }
+        let (bias0, bias1) = if bias.is_null() {
+            (_mm256_setzero_ps(), _mm256_setzero_ps())
+        } else {
+            (_mm256_loadu_ps(bias), _mm256_loadu_ps(bias.add(8)))
+        };
         for (i, row) in acc.iter().enumerate() {
             let out = c.add(i * ldc);
-            _mm256_storeu_ps(out, _mm256_add_ps(_mm256_loadu_ps(out), row[0]));
-            _mm256_storeu_ps(out.add(8), _mm256_add_ps(_mm256_loadu_ps(out.add(8)), row[1]));
+            _mm256_storeu_ps(out, _mm256_add_ps(row[0], bias0));
+            _mm256_storeu_ps(out.add(8), _mm256_add_ps(row[1], bias1));
+            if gelu {
+                gelu_row(out, 16);
+            }
         }
     }
 
-    /// AVX-512, 12 rows × 32 columns: 24 accumulators, 2 B loads and 12 broadcasts per k.
+    /// AVX-512, R ≤ 12 rows × 32 columns: 2R accumulators, 2 B loads and R broadcasts per k.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn kernel_12x32(k: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; 12];
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn kernel_x32<const R: usize>(k: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, bias: *const f32, gelu: bool) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
         for p in 0..k {
             let b0 = _mm512_loadu_ps(b.add(p * 32));
             let b1 = _mm512_loadu_ps(b.add(p * 32 + 16));
-            let ap = a.add(p * 12);
             for (i, row) in acc.iter_mut().enumerate() {
-                let ai = _mm512_set1_ps(*ap.add(i));
+                let ai = _mm512_set1_ps(*a.add(i * lda + p));
                 row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
                 row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
             }
         }
+        let (bias0, bias1) = if bias.is_null() {
+            (_mm512_setzero_ps(), _mm512_setzero_ps())
+        } else {
+            (_mm512_loadu_ps(bias), _mm512_loadu_ps(bias.add(16)))
+        };
         for (i, row) in acc.iter().enumerate() {
             let out = c.add(i * ldc);
-            _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), row[0]));
-            _mm512_storeu_ps(out.add(16), _mm512_add_ps(_mm512_loadu_ps(out.add(16)), row[1]));
+            _mm512_storeu_ps(out, _mm512_add_ps(row[0], bias0));
+            _mm512_storeu_ps(out.add(16), _mm512_add_ps(row[1], bias1));
+            if gelu {
+                gelu_row(out, 32);
+            }
         }
     }
 }
@@ -262,12 +385,12 @@ pub fn measure(m: usize, k: usize, n: usize, reps: usize) -> f64 {
     let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
     let w: Vec<f32> = (0..k * n).map(|i| ((i * 104729) % 1000) as f32 / 1000.0 - 0.5).collect();
     let b = PackedB::pack(&w, k, n);
-    let mut c = vec![0f32; m * n];
-    gemm(&a, m, &b, &mut c);
+    let mut c = Vec::new();
+    gemm(&a, m, &b, &mut c, Epilogue::None);
     let mut best = f64::INFINITY;
     for _ in 0..reps.max(1) {
         let t = std::time::Instant::now();
-        gemm(&a, m, &b, &mut c);
+        gemm(&a, m, &b, &mut c, Epilogue::None);
         best = best.min(t.elapsed().as_secs_f64());
     }
     std::hint::black_box(&c);
@@ -292,18 +415,45 @@ mod tests {
     }
 
     #[test]
+    fn strided_and_transposed_operands() {
+        // c (ldc 40) += a (lda 41) · Kᵀ, K given as rows: the attention-score layout.
+        let mut rng = StdRng::seed_from_u64(2);
+        let (m, k, n) = (13, 32, 37);
+        let a: Vec<f32> = (0..m * 41).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let keys: Vec<f32> = (0..n * 40).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let mut b = PackedB::empty();
+        b.repack_transposed(k, n, |j| &keys[j * 40..j * 40 + k]);
+        let mut c = vec![0.5f32; m * 40];
+        gemm_strided(&a, 41, m, &b, &mut c, 40);
+        for i in 0..m {
+            for j in 0..n {
+                let want: f64 = (0..k).map(|p| a[i * 41 + p] as f64 * keys[j * 40 + p] as f64).sum::<f64>();
+                assert!((c[i * 40 + j] as f64 - want).abs() < 1e-4, "({i}, {j})");
+            }
+            assert!(c[i * 40 + n..i * 40 + 40].iter().all(|&v| v == 0.5), "wrote past n");
+        }
+    }
+
+    #[test]
     fn matches_a_float64_reference_at_odd_and_model_shapes() {
         let mut rng = StdRng::seed_from_u64(1);
         for &(m, k, n) in &[(1, 1, 1), (5, 7, 3), (13, 384, 33), (14, 384, 1152), (97, 50, 70), (200, 64, 384)] {
             let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
             let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
             let bias: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let mut c: Vec<f32> = (0..m).flat_map(|_| bias.iter().copied()).collect();
-            gemm(&a, m, &PackedB::pack(&b, k, n), &mut c);
+            let packed = PackedB::pack(&b, k, n);
             let want = reference(&a, &b, m, k, n);
-            for (i, (&got, w)) in c.iter().zip(&want).enumerate() {
+            let (mut c, mut g) = (Vec::new(), Vec::new());
+            gemm(&a, m, &packed, &mut c, Epilogue::Bias(&bias));
+            gemm(&a, m, &packed, &mut g, Epilogue::BiasGelu(&bias));
+            assert_eq!((c.len(), g.len()), (m * n, m * n));
+            for (i, w) in want.iter().enumerate() {
                 let w = w + bias[i % n] as f64;
-                assert!(((got as f64) - w).abs() < 1e-4 * (1.0 + k as f64).sqrt(), "{m}×{k}×{n} at {i}: {got} vs {w}");
+                let tol = 1e-4 * (1.0 + k as f64).sqrt();
+                assert!(((c[i] as f64) - w).abs() < tol, "{m}×{k}×{n} at {i}: {} vs {w}", c[i]);
+                // The epilogue's GELU is the library's (tested against libm's erf in kernels.rs).
+                let gw = crate::model::kernels::gelu(c[i]);
+                assert!((g[i] - gw).abs() <= 1e-6 * (1.0 + gw.abs()), "gelu {m}×{k}×{n} at {i}: {} vs {gw}", g[i]);
             }
         }
     }

@@ -7,21 +7,19 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-/// Rounds to the nearest integer (ties to even) for |x| < 2²²: adding 1.5·2²³ pushes the
-/// fraction bits out. Plain adds, so it vectorizes; `f32::round` is a libm call on baseline x86-64.
-#[inline(always)]
-fn round(x: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0;
-    (x + MAGIC) - MAGIC
-}
+/// `1.5 · 2²³`: adding it to |x| < 2²² rounds x to the nearest integer (ties to even) and leaves
+/// that integer in the low bits of the sum's representation.
+const MAGIC: f32 = 12_582_912.0;
 
 /// `e^x` for f32 to within a few ulp, branch-free: `x = n·ln2 + r`, a degree-6 polynomial for
-/// `e^r`, and `2^n` built in the exponent bits. (No `mul_add`: without FMA in the target it is a
-/// libm call.)
+/// `e^r`, and `2^n` built in the exponent bits. Every step is a plain float or integer vector
+/// operation: no `mul_add` (a libm call without FMA in the target), no `as i32` (Rust's
+/// saturating cast made the compiler fall back to scalar code, one element at a time).
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
-    let x = x.clamp(-87.3, 88.7);
-    let n = round(x * std::f32::consts::LOG2_E);
+    let x = if x < -87.3 { -87.3 } else if x > 88.7 { 88.7 } else { x };
+    let z = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = z - MAGIC;
     let r = x - n * 0.693_359_4;
     let r = r + n * 2.121_944_4e-4;
     let mut p = 1.987_569_1e-4f32;
@@ -31,7 +29,9 @@ pub(crate) fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5e-1;
     let e = p * (r * r) + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // z's bits are MAGIC's plus n: add the exponent bias, shift into place.
+    let two_n = z.to_bits().wrapping_add(127u32.wrapping_sub(MAGIC.to_bits())) << 23;
+    e * f32::from_bits(two_n)
 }
 
 #[inline(always)]
