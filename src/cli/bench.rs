@@ -124,7 +124,8 @@ fn latency(engine: &Engine, task: &Task, args: &BenchArgs) -> anyhow::Result<()>
 fn kernels(args: &BenchArgs) -> anyhow::Result<()> {
     let m = args.batch * args.seq_len;
     for (name, k, n) in [("qkv", 384, 1152), ("attn_out", 384, 384), ("ffn_in", 384, 1536), ("ffn_out", 1536, 384)] {
-        let reps = ((2e9 / (2.0 * (m * k * n) as f64)) as usize).clamp(3, 200);
+        // About a second of calls (a ~200 GFLOP/s budget), at least 20.
+        let reps = ((2e11 / (2.0 * (m * k * n) as f64)) as usize).clamp(20, 5000);
         println!(
             "{}",
             json!({

@@ -9,7 +9,6 @@
 //! residual+LayerNorm passes. Numbers agree with the candle path to float32 rounding (tested).
 //! The candle path stays for training (autograd) and for GPUs.
 
-use rayon::prelude::*;
 
 use super::gemm::{gemm, gemm_strided, Epilogue, PackedB};
 use super::PrefixKv;
@@ -113,21 +112,18 @@ impl Norm {
     pub fn residual(&self, x: &mut [f32], add: &[f32]) {
         let n = self.g.len();
         const ROWS: usize = 16;
-        if add.is_empty() {
-            x.par_chunks_mut(n * ROWS).for_each(|xs| {
-                for x in xs.chunks_exact_mut(n) {
-                    norm_row(x, &[], &self.g, &self.b, self.eps);
-                }
-            });
-        } else {
-            x.par_chunks_mut(n * ROWS)
-                .zip(add.par_chunks(n * ROWS))
-                .for_each(|(xs, adds)| {
-                    for (x, a) in xs.chunks_exact_mut(n).zip(adds.chunks_exact(n)) {
-                        norm_row(x, a, &self.g, &self.b, self.eps);
-                    }
-                });
-        }
+        let rows = x.len() / n;
+        assert!(add.is_empty() || add.len() >= rows * n);
+        let xp = CtxPtr(x.as_mut_ptr());
+        super::pool::for_each(rows.div_ceil(ROWS), |chunk| {
+            let (r0, r1) = (chunk * ROWS, ((chunk + 1) * ROWS).min(rows));
+            // SAFETY: chunk i owns rows r0..r1 of x, inside its length.
+            let xs = unsafe { std::slice::from_raw_parts_mut(xp.at(r0 * n), (r1 - r0) * n) };
+            for (i, row) in xs.chunks_exact_mut(n).enumerate() {
+                let a = if add.is_empty() { &[][..] } else { &add[(r0 + i) * n..(r0 + i + 1) * n] };
+                norm_row(row, a, &self.g, &self.b, self.eps);
+            }
+        });
     }
 }
 
@@ -154,10 +150,10 @@ thread_local! {
     });
 }
 
-/// The context rows the heads write, shared by the parallel (row, head) items.
+/// A buffer the parallel items of one region write, each its own disjoint part.
 #[derive(Clone, Copy)]
 struct CtxPtr(*mut f32);
-// SAFETY: each (row, head) item writes only its own D columns of its own row's S rows.
+// SAFETY: every user hands each item a disjoint part (rows, or a head's columns of a row).
 unsafe impl Send for CtxPtr {}
 unsafe impl Sync for CtxPtr {}
 
@@ -235,7 +231,7 @@ pub(crate) fn attention(
     let out_rows = if first_only { s.batch } else { s.batch * sl };
     assert!(qkv.len() >= s.batch * sl * 3 * hd && ctx.len() >= out_rows * hd && prefixes.len() == s.batch);
     let out = CtxPtr(ctx.as_mut_ptr());
-    (0..s.batch * h).into_par_iter().for_each(|item| {
+    super::pool::for_each(s.batch * h, |item| {
         let (b, head) = (item / h, item % h);
         let (n, prefix) = (lens[b], prefixes[b]);
         let p = prefix.num_virtual_tokens();

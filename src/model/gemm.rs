@@ -15,7 +15,6 @@
 //! Results are f32 with FMA accumulation in k order: they differ from other BLASes only by
 //! rounding (parity with PEFT is unchanged, and tested).
 
-use rayon::prelude::*;
 
 use super::isa::{self, Isa};
 use super::kernels::gelu;
@@ -179,7 +178,7 @@ pub fn gemm(a: &[f32], m: usize, b: &PackedB, c: &mut Vec<f32>, epilogue: Epilog
     if items == 1 || m * n * k < 1 << 15 {
         (0..items).for_each(work);
     } else {
-        (0..items).into_par_iter().for_each(work);
+        super::pool::for_each(items, work);
     }
 }
 

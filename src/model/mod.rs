@@ -11,6 +11,7 @@ pub mod device;
 mod fused;
 pub mod gemm;
 pub mod isa;
+mod pool;
 mod kernels;
 mod prefix_kv;
 mod train_ops;
