@@ -15,9 +15,10 @@
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
 use super::batch::{gather_check, gather_prefixes, Dims, EncoderRow, HostBatch, TokenBatch};
-use super::cpu;
+use super::{cpu, cpu_train};
 use super::train_ops::{self, Dropout};
 use super::weights::{self, Weights};
 use super::{Activation, BertConfig, ModelError, ModelInfo, Result};
@@ -299,7 +300,9 @@ pub struct PrefixedBert {
     pub(super) layers: Vec<BertLayer>,
     pub(super) pooler: Linear,
     /// The same weights as host arrays for the CPU inference path (`None` on other devices).
-    host: Option<cpu::HostBert>,
+    host: Option<Arc<cpu::HostBert>>,
+    /// The transposed weights the CPU training backward needs, packed on first use.
+    backward: OnceLock<Arc<cpu_train::Backward>>,
     config: BertConfig,
     info: ModelInfo,
     device: Device,
@@ -326,6 +329,7 @@ impl PrefixedBert {
             layers,
             pooler: Linear::load(w, "pooler.dense", c.hidden_size, c.hidden_size)?,
             host: None,
+            backward: OnceLock::new(),
             config: ckpt.config.clone(),
             info: ckpt.info,
             device: device.clone(),
@@ -340,7 +344,7 @@ impl PrefixedBert {
         }
         // The host path implements BERT's erf GELU in f32 only; the rest uses the fused path.
         if device.is_cpu() && dtype == DType::F32 && c.activation() == Activation::GeluErf {
-            model.host = Some(model.host_weights()?);
+            model.host = Some(Arc::new(model.host_weights()?));
         }
         Ok(model)
     }
@@ -504,12 +508,61 @@ impl PrefixedBert {
     /// The training forward: rows of one task whose prefix is the (trainable) tensor
     /// `prompt_embeddings`, `[P, L·2·Hd]` in PEFT's layout, with dropout. Gradients flow to the
     /// prefix and never to the frozen weights. Returns the pooled `[B, Hd]`.
+    ///
+    /// On the CPU in f32 the encoder is one op with a hand-written backward (`cpu_train.rs`);
+    /// elsewhere it is candle's autograd over [`Self::pooled_train_reference`]'s ops.
     pub fn pooled_train(
         &self,
         rows: &[(&[u32], &[u32])],
         prompt_embeddings: &Tensor,
         dropout: &mut Dropout,
     ) -> Result<Tensor> {
+        let Some(host) = self.host.as_ref().filter(|_| !reference_path_forced()) else {
+            return self.pooled_train_reference(rows, prompt_embeddings, dropout);
+        };
+        let (p, kv) = self.prefix_layers(prompt_embeddings)?;
+        let dims = self.dims();
+        let tokens: Vec<(&[u32], &[u32], usize)> = rows.iter().map(|r| (r.0, r.1, p)).collect();
+        let back = match self.backward.get() {
+            Some(back) => back.clone(),
+            None => {
+                let built = Arc::new(self.backward_weights()?);
+                self.backward.get_or_init(|| built).clone()
+            }
+        };
+        let op = cpu_train::EncoderTrain {
+            host: host.clone(),
+            back,
+            batch: HostBatch::build(&tokens, &dims)?,
+            p,
+            drop: dropout.next_mask(),
+            saved: Default::default(),
+        };
+        Ok(kv.apply_op1(op)?)
+    }
+
+    /// The training forward through candle's ops and autograd, on any device: the reference the
+    /// CPU training path is tested against.
+    pub fn pooled_train_reference(
+        &self,
+        rows: &[(&[u32], &[u32])],
+        prompt_embeddings: &Tensor,
+        dropout: &mut Dropout,
+    ) -> Result<Tensor> {
+        let dims = self.dims();
+        let (p, kv) = self.prefix_layers(prompt_embeddings)?;
+        let (h, d) = (dims.heads, dims.head_dim);
+        let tokens: Vec<(&[u32], &[u32], usize)> = rows.iter().map(|r| (r.0, r.1, p)).collect();
+        let inputs = TokenBatch::new(&HostBatch::build(&tokens, &dims)?, &self.device)?;
+        let b = inputs.rows;
+        let prefix = |layer: usize| -> Result<Tensor> {
+            Ok(kv.get(layer)?.unsqueeze(1)?.broadcast_as((2, b, h, p, d))?)
+        };
+        self.encode(&inputs, prefix, &mut Some(dropout))
+    }
+
+    /// `[P, L·2·Hd]` → `[L, 2, H, P, D]`: the same permutation `PrefixKv` does at load.
+    fn prefix_layers(&self, prompt_embeddings: &Tensor) -> Result<(usize, Tensor)> {
         let dims = self.dims();
         let (p, width) = prompt_embeddings.dims2()?;
         let (l, h, d) = (dims.layers, dims.heads, dims.head_dim);
@@ -519,17 +572,35 @@ impl PrefixedBert {
                 l * 2 * h * d
             )));
         }
-        let tokens: Vec<(&[u32], &[u32], usize)> = rows.iter().map(|r| (r.0, r.1, p)).collect();
-        let inputs = TokenBatch::new(&HostBatch::build(&tokens, &dims)?, &self.device)?;
-        let b = inputs.rows;
-        // [P, L·2·Hd] → [L, 2, H, P, D]: the same permutation `PrefixKv` does at load.
         let kv = prompt_embeddings
             .reshape((p, l, 2, h, d))?
             .permute((1, 2, 3, 0, 4))?
             .contiguous()?;
-        let prefix = |layer: usize| -> Result<Tensor> {
-            Ok(kv.get(layer)?.unsqueeze(1)?.broadcast_as((2, b, h, p, d))?)
+        Ok((p, kv))
+    }
+
+    /// Each dense layer's weight as the backward multiplies by it: `[out, in]`, packed.
+    fn backward_weights(&self) -> Result<cpu_train::Backward> {
+        let pack = |l: &Linear| -> Result<super::gemm::PackedB> {
+            let (inp, out) = l.weight_t.dims2()?;
+            let w: Vec<f32> = l.weight_t.t()?.contiguous()?.flatten_all()?.to_vec1()?;
+            Ok(super::gemm::PackedB::pack(&w, out, inp))
         };
-        self.encode(&inputs, prefix, &mut Some(dropout))
+        Ok(cpu_train::Backward {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| {
+                    Ok(cpu_train::LayerBack {
+                        qkv: pack(&l.attention.qkv)?,
+                        attn_out: pack(&l.attention_output.dense)?,
+                        inter: pack(&l.intermediate)?,
+                        out: pack(&l.output.dense)?,
+                    })
+                })
+                .collect::<Result<_>>()?,
+            pooler: pack(&self.pooler)?,
+            spare: Default::default(),
+        })
     }
 }

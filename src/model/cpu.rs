@@ -12,31 +12,33 @@
 
 use super::gemm::{gemm, gemm_strided, Epilogue, PackedB};
 use super::PrefixKv;
-use super::isa::{self, Isa};
 use super::kernels::exp;
 
 /// The SIMD width our reductions accumulate in; any x86 vector unit up to AVX-512 fills it.
-const LANES: usize = 16;
+pub(crate) const LANES: usize = 16;
 
 /// Runs `$body` compiled for AVX-512, AVX2+FMA or baseline, picked at run time (`isa::active`).
 macro_rules! dispatch {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+        dispatch! { $(#[$m])* $vis fn $name($($arg: $ty),*) -> () $body }
+    };
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty $body:block) => {
         $(#[$m])*
-        #[allow(clippy::too_many_arguments)]
-        $vis fn $name($($arg: $ty),*) {
+        #[allow(clippy::too_many_arguments, clippy::unused_unit)]
+        $vis fn $name($($arg: $ty),*) -> $ret {
             #[inline(always)]
-            fn body($($arg: $ty),*) $body
+            fn body($($arg: $ty),*) -> $ret $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f")]
-                unsafe fn avx512($($arg: $ty),*) { body($($arg),*) }
+                unsafe fn avx512($($arg: $ty),*) -> $ret { body($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) { body($($arg),*) }
+                unsafe fn avx2($($arg: $ty),*) -> $ret { body($($arg),*) }
                 // SAFETY: `isa::active` never exceeds what the CPU reports.
-                match isa::active() {
-                    Isa::Avx512 => return unsafe { avx512($($arg),*) },
-                    Isa::Avx2 => return unsafe { avx2($($arg),*) },
-                    Isa::Baseline => {}
+                match $crate::model::isa::active() {
+                    $crate::model::isa::Isa::Avx512 => return unsafe { avx512($($arg),*) },
+                    $crate::model::isa::Isa::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::model::isa::Isa::Baseline => {}
                 }
             }
             body($($arg),*)
@@ -152,13 +154,17 @@ thread_local! {
 
 /// A buffer the parallel items of one region write, each its own disjoint part.
 #[derive(Clone, Copy)]
-struct CtxPtr(*mut f32);
+pub(crate) struct CtxPtr(*mut f32);
 // SAFETY: every user hands each item a disjoint part (rows, or a head's columns of a row).
 unsafe impl Send for CtxPtr {}
 unsafe impl Sync for CtxPtr {}
 
 impl CtxPtr {
-    fn at(&self, offset: usize) -> *mut f32 {
+    pub(crate) fn new(p: *mut f32) -> Self {
+        Self(p)
+    }
+
+    pub(crate) fn at(&self, offset: usize) -> *mut f32 {
         self.0.wrapping_add(offset)
     }
 }
@@ -167,7 +173,7 @@ dispatch! {
     /// `x = softmax(scale · x)` over each row of `width`. Max and sum accumulate in LANES
     /// separate lanes: a plain running max or sum is a serial chain the compiler may not
     /// reorder, and ran a hundred-odd-key softmax at scalar speed (17% of a forward pass).
-    fn softmax_rows(x: &mut [f32], width: usize, scale: f32) {
+    pub(crate) fn softmax_rows(x: &mut [f32], width: usize, scale: f32) {
         for row in x.chunks_exact_mut(width) {
             let mut lanes = [f32::NEG_INFINITY; LANES];
             let mut chunks = row.chunks_exact_mut(LANES);

@@ -58,7 +58,7 @@ pub(crate) fn gelu(x: f32) -> f32 {
 
 /// d/dx of x·Φ(x): Φ(x) + x·φ(x).
 #[inline(always)]
-fn gelu_grad(x: f32) -> f32 {
+pub(crate) fn gelu_grad(x: f32) -> f32 {
     0.5 * (1.0 + erf(x * SQRT_HALF)) + x * INV_SQRT_2PI * exp(-0.5 * x * x)
 }
 

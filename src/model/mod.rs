@@ -6,7 +6,9 @@
 mod batch;
 mod bert;
 mod config;
+#[macro_use]
 mod cpu;
+mod cpu_train;
 pub mod device;
 mod fused;
 pub mod gemm;

@@ -250,6 +250,15 @@ impl Dropout {
         }
     }
 
+    /// A counter-based mask for the CPU training path, its seed drawn from this generator so a
+    /// run repeats from the trainer's seed.
+    pub(crate) fn next_mask(&mut self) -> super::cpu_train::DropMask {
+        super::cpu_train::DropMask {
+            p: self.p,
+            seed: self.rng.random::<u32>(),
+        }
+    }
+
     pub fn apply(&mut self, x: &Tensor) -> Result<Tensor> {
         if self.p <= 0.0 {
             return Ok(x.clone());
