@@ -370,6 +370,25 @@ fn f15_a_full_disk_is_507_without_paths() {
     assert!(!server.tasks().iter().any(|t| t.0 == "gamma"));
 }
 
+/// Logs that cannot be written (stderr on a full disk) lose log lines, never requests: the
+/// logger's own error report must not panic the task that is serving.
+#[test]
+fn an_unwritable_log_loses_lines_not_requests() {
+    let dir = folder();
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let server = Server::start_with(&tiny::model_dir(), dir.path(), &[], |c| {
+        c.env("RUST_LOG", "debug").stderr(full);
+    });
+    for _ in 0..3 {
+        // Each of these logs at least one line (a rejected upload is a warning).
+        let r = server.put("/v1/admin/tasks/gamma", OCTET, b"not safetensors", None);
+        assert_eq!(r.status, 422, "{}", r.text);
+        let r = server.classify(&json!({"task": "alpha", "inputs": ["still here"]}));
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    assert_eq!(server.get("/ready").status, 200);
+}
+
 /// 16. The Bearer scheme is case-insensitive (RFC 9110).
 #[test]
 fn f16_bearer_is_case_insensitive() {

@@ -91,6 +91,10 @@ pub fn init_tracing(verbose: u8) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A log line that cannot be written (stderr is a file on a full disk) is lost, not a
+        // panic: by default the subscriber reports its own write errors with `eprintln!`, which
+        // panics when stderr is unwritable and drops the request being served.
+        .log_internal_errors(false)
         .try_init();
 }
 

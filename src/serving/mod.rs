@@ -263,8 +263,13 @@ async fn serve_async(config: ServeConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", config.addr))?;
     let addr = listener.local_addr()?;
-    // Tests and scripts read this line to find the port when --addr ends in :0.
-    println!("prefixd listening on http://{addr}");
+    // Tests and scripts read this line to find the port when --addr ends in :0. Written, not
+    // `println!`ed: an unwritable stdout must not stop the server from starting.
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "prefixd listening on http://{addr}").and_then(|_| out.flush());
+    }
     tracing::info!(%addr, "serving");
     let mut listener = server::Listener::start(listener, router(state.clone()), config.connections.clone());
 
