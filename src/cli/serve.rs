@@ -20,6 +20,11 @@ pub struct ServeArgs {
     /// Bearer token for the /v1/admin routes; without one they are disabled.
     #[arg(long, env = "PREFIXD_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// API key that /v1/classify and /v1/tasks require as `Authorization: Bearer <key>`; repeat
+    /// the flag (or separate with commas in the variable) for several keys. Without one those
+    /// routes are open. Health, readiness, metrics and the API documents stay open.
+    #[arg(long = "api-key", env = "PREFIXD_API_KEYS", hide_env_values = true, value_delimiter = ',')]
+    pub api_keys: Vec<String>,
     /// Most rows in one forward pass.
     #[arg(long, env = "PREFIXD_MAX_BATCH_ROWS", default_value_t = 64)]
     pub max_batch_rows: usize,
@@ -100,6 +105,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         prefixes_dir: args.prefixes,
         addr: args.addr,
         admin_token: args.admin_token,
+        api_keys: crate::serving::ApiKeys::new(args.api_keys),
         batcher: BatcherConfig {
             max_batch_rows: args.max_batch_rows,
             max_batch_tokens: args.max_batch_tokens,

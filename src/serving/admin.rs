@@ -2,9 +2,9 @@
 //! registry or the directory is touched (see `prefix::registry`).
 
 use axum::extract::{FromRequest, FromRequestParts, Multipart, Path, Request, State};
-use axum::http::{header, request::Parts, HeaderValue, StatusCode};
+use axum::http::{header, request::Parts, StatusCode};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::Json;
 use bytes::Bytes;
 use std::sync::Arc;
@@ -13,6 +13,7 @@ use utoipa::ToSchema;
 
 use super::api::TaskInfo;
 use super::error::{ApiError, ErrorBody};
+use super::auth::{bearer, constant_time_eq, refuse};
 use super::AppState;
 use crate::prefix::peft::{ImportOptions, CONFIG_FILE, WEIGHTS_FILE};
 use super::registry::{valid_task_name, RegistryError};
@@ -45,13 +46,7 @@ impl Admin {
                 "admin routes are disabled: start the server with --admin-token (or PREFIXD_ADMIN_TOKEN)",
             ));
         };
-        // RFC 9110: the scheme is case-insensitive ("bearer x" is as good as "Bearer x").
-        let given = authorization
-            .map(str::trim)
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, token)| token.trim())
-            .ok_or_else(|| {
+        let given = bearer(authorization).ok_or_else(|| {
                 ApiError::new(
                     StatusCode::UNAUTHORIZED,
                     "unauthorized",
@@ -97,28 +92,6 @@ pub async fn authorize(State(state): State<Arc<AppState>>, request: Request, nex
     next.run(request).await
 }
 
-/// Refuses a request without keeping its body. A client that sends the body without waiting for
-/// `100 Continue` would see its connection reset by an early answer; so a little of the body —
-/// at most 1 MiB or 2 s, read and thrown away, never stored — is let through first, then the
-/// answer goes out and the connection closes.
-async fn refuse(request: Request, e: ApiError) -> Response {
-    use http_body_util::BodyExt;
-    const DISCARD_BYTES: usize = 1 << 20;
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
-    let mut body = request.into_body();
-    let mut seen = 0usize;
-    while seen <= DISCARD_BYTES {
-        match tokio::time::timeout_at(deadline, body.frame()).await {
-            Ok(Some(Ok(frame))) => seen += frame.data_ref().map_or(0, |d| d.len()),
-            _ => break,
-        }
-    }
-    let mut r = e.into_response();
-    r.headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    r
-}
-
 /// A task name from the path, checked against the name rule.
 pub struct TaskName(pub String);
 
@@ -135,11 +108,6 @@ impl<S: Send + Sync> FromRequestParts<S> for TaskName {
         }
         Ok(TaskName(name))
     }
-}
-
-/// Compares without an early exit, so response time does not reveal how much of a guess matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// A native prefix file, as the body of an upload.

@@ -212,6 +212,8 @@ fn json_kind(v: &Value) -> &'static str {
     responses(
         (status = 200, description = "One result per input, in order", body = ClassifyResponse),
         (status = 400, description = "Malformed JSON, or a body that ended early", body = ErrorBody),
+        (status = 401, description = "No API key (only when the server has --api-key)", body = ErrorBody),
+        (status = 403, description = "Wrong API key", body = ErrorBody),
         (status = 404, description = "Unknown task", body = ErrorBody),
         (status = 408, description = "The body stalled or took too long", body = ErrorBody),
         (status = 413, description = "Body, input count or text too large", body = ErrorBody),
@@ -223,6 +225,7 @@ fn json_kind(v: &Value) -> &'static str {
         (status = 503, description = "Shutting down, or the model is unavailable", body = ErrorBody,
             headers(("Retry-After" = u32, description = "Seconds to wait"))),
     ),
+    security((), ("api_key" = [])),
     tag = "classify"
 )]
 pub async fn classify(
@@ -272,7 +275,17 @@ async fn classify_inner(
 }
 
 /// List the loaded tasks.
-#[utoipa::path(get, path = "/v1/tasks", responses((status = 200, body = TaskList)), tag = "tasks")]
+#[utoipa::path(
+    get,
+    path = "/v1/tasks",
+    responses(
+        (status = 200, body = TaskList),
+        (status = 401, description = "No API key (only when the server has --api-key)", body = ErrorBody),
+        (status = 403, description = "Wrong API key", body = ErrorBody),
+    ),
+    security((), ("api_key" = [])),
+    tag = "tasks"
+)]
 pub async fn list_tasks(State(state): State<Arc<AppState>>) -> Json<TaskList> {
     Json(TaskList {
         tasks: state.infer.registry().list().iter().map(TaskInfo::from).collect(),
@@ -287,8 +300,11 @@ pub async fn list_tasks(State(state): State<Arc<AppState>>) -> Json<TaskList> {
     responses(
         (status = 200, body = TaskInfo),
         (status = 400, description = "Not a valid task name", body = ErrorBody),
+        (status = 401, description = "No API key (only when the server has --api-key)", body = ErrorBody),
+        (status = 403, description = "Wrong API key", body = ErrorBody),
         (status = 404, body = ErrorBody),
     ),
+    security((), ("api_key" = [])),
     tag = "tasks"
 )]
 pub async fn get_task(

@@ -11,6 +11,7 @@
 
 mod admin;
 mod api;
+mod auth;
 mod batcher;
 mod body;
 mod error;
@@ -20,6 +21,7 @@ mod openapi;
 pub mod registry;
 mod server;
 
+pub use auth::ApiKeys;
 pub use api::{ClassifyResponse, ClassifyResult, TaskInfo};
 pub use batcher::{Backend, Batcher, BatcherConfig, Job, JobError, ModelHealth, SubmitError};
 pub use body::BodyLimits;
@@ -86,6 +88,8 @@ pub struct ServeConfig {
     pub addr: SocketAddr,
     /// Admin routes are disabled without one.
     pub admin_token: Option<String>,
+    /// Keys that inference and listing routes require; none leaves them open.
+    pub api_keys: ApiKeys,
     pub batcher: BatcherConfig,
     pub limits: RequestLimits,
     pub connections: ConnConfig,
@@ -104,6 +108,7 @@ pub struct AppState {
     pub infer: Infer,
     pub metrics: Arc<Metrics>,
     pub admin: admin::Admin,
+    pub api_keys: ApiKeys,
     pub limits: RequestLimits,
     draining: AtomicBool,
 }
@@ -112,11 +117,18 @@ impl AppState {
     pub fn new(infer: Infer, metrics: Arc<Metrics>, admin_token: Option<String>, limits: RequestLimits) -> Self {
         Self {
             admin: admin::Admin::new(admin_token, limits.max_concurrent_uploads),
+            api_keys: ApiKeys::default(),
             infer,
             metrics,
             limits,
             draining: AtomicBool::new(false),
         }
+    }
+
+    /// Requires one of `keys` on the inference and listing routes.
+    pub fn with_api_keys(mut self, keys: ApiKeys) -> Self {
+        self.api_keys = keys;
+        self
     }
 
     pub fn is_draining(&self) -> bool {
@@ -138,12 +150,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         total_timeout: limits.body_timeout,
     };
     let (request_body, upload_body) = (body(limits.max_request_bytes), body(limits.max_upload_bytes));
+    // Layers run outermost-last-added: the API key is checked before the body is read.
     let classify = Router::new()
         .route("/v1/classify", post(api::classify))
         .layer(middleware::from_fn(move |req, next| {
             body::buffer_body(request_body, req, next)
-        }));
-    // Layers run outermost-last-added: authorize, then read the body, then the handler.
+        }))
+        .route("/v1/tasks", get(api::list_tasks))
+        .route("/v1/tasks/{task}", get(api::get_task))
+        .layer(middleware::from_fn_with_state(state.clone(), auth::require_api_key));
+    // The admin token, not an API key, guards these.
     let admin = Router::new()
         .route(
             "/v1/admin/tasks/{task}",
@@ -156,8 +172,6 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .merge(classify)
         .merge(admin)
-        .route("/v1/tasks", get(api::list_tasks))
-        .route("/v1/tasks/{task}", get(api::get_task))
         .route("/health", get(api::health))
         .route("/v2/health/live", get(api::health))
         .route("/ready", get(api::ready))
@@ -257,7 +271,11 @@ async fn serve_async(config: ServeConfig) -> anyhow::Result<()> {
         metrics,
         config.admin_token.clone(),
         config.limits.clone(),
-    ));
+    )
+    .with_api_keys(config.api_keys.clone()));
+    if !state.api_keys.required() {
+        tracing::info!("no --api-key: classify and task listing are open to anyone who can connect");
+    }
 
     let listener = tokio::net::TcpListener::bind(config.addr)
         .await

@@ -147,6 +147,27 @@ impl Server {
         )
     }
 
+    /// GET (no body) or POST (a JSON body) with `Authorization: <auth>` when given.
+    pub fn with_auth(&self, path: &str, auth: Option<&str>, body: Option<&Value>) -> Reply {
+        let url = format!("{}{path}", self.base);
+        match body {
+            None => {
+                let mut req = self.agent.get(url);
+                if let Some(a) = auth {
+                    req = req.header("authorization", a);
+                }
+                Self::reply(req.call())
+            }
+            Some(json) => {
+                let mut req = self.agent.post(url);
+                if let Some(a) = auth {
+                    req = req.header("authorization", a);
+                }
+                Self::reply(req.send_json(json))
+            }
+        }
+    }
+
     pub fn classify(&self, body: &Value) -> Reply {
         self.post_json("/v1/classify", body)
     }
