@@ -35,6 +35,9 @@ pub struct ExportArgs {
     /// Output PEFT adapter directory (created if missing).
     #[arg(short, long)]
     pub output: PathBuf,
+    /// The base weights' Hugging Face hub id, when the file does not record it (or to correct it).
+    #[arg(long)]
+    pub base_model_id: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -76,9 +79,22 @@ pub fn import(args: ImportArgs) -> anyhow::Result<()> {
 
 pub fn export(args: ExportArgs) -> anyhow::Result<()> {
     let file = PrefixFile::read(&args.file).with_context(|| format!("{}", args.file.display()))?;
-    peft::export_dir(&file, &args.output)?;
+    let opts = peft::ExportOptions { base_model_id: args.base_model_id };
+    let done = peft::export_dir_with(&file, &args.output, &opts)?;
+    warn_if_base_unknown(&done);
     eprintln!("wrote PEFT adapter {}", args.output.display());
     Ok(())
+}
+
+/// An export whose base model is unknown still works with `PeftModel.from_pretrained(base, dir)`,
+/// but only on the right weights: say so where the user is looking.
+pub fn warn_if_base_unknown(done: &peft::Exported) {
+    if done.base_model_id.is_none() {
+        tracing::warn!(
+            "the base model's hub id is unknown: adapter_config.json has base_model_name_or_path = null \
+             and README.md says which weights to load; pass --base-model-id to name them"
+        );
+    }
 }
 
 pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
@@ -104,6 +120,10 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     println!(
         "base model:     {} ({} layers, hidden {}, {} heads)",
         b.name, b.layers, b.hidden, b.heads
+    );
+    println!(
+        "hub id:         {}",
+        b.resolved_hub_id().as_deref().unwrap_or("(unknown)")
     );
     println!(
         "fingerprint:    {}",

@@ -64,6 +64,10 @@ pub struct ModelArgs {
     /// Truncate inputs to this many tokens (also capped at max_position_embeddings − P).
     #[arg(long, env = "PREFIXD_MAX_LENGTH", default_value_t = 512)]
     pub max_length: usize,
+    /// The Hugging Face hub id of these exact weights, recorded in prefixes and PEFT exports
+    /// (known without it for the default model; otherwise exports say the base is unknown).
+    #[arg(long, env = "PREFIXD_BASE_MODEL_ID")]
+    pub base_model_id: Option<String>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -75,6 +79,7 @@ impl ModelArgs {
             max_length: self.max_length,
             device: self.device.device,
             precision: self.device.dtype,
+            base_model_id: self.base_model_id.clone(),
         }
     }
 }

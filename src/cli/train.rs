@@ -67,6 +67,10 @@ pub struct TrainArgs {
     /// Truncate inputs to this many tokens (also capped at max_position_embeddings − P).
     #[arg(long, default_value_t = 128)]
     pub max_length: usize,
+    /// The Hugging Face hub id of the base weights, recorded in the prefix and its PEFT export
+    /// (known without it for the default model).
+    #[arg(long, env = "PREFIXD_BASE_MODEL_ID")]
+    pub base_model_id: Option<String>,
     /// Train through a reparameterization MLP with this hidden size (folded away at export).
     #[arg(long, value_name = "HIDDEN")]
     pub projection: Option<usize>,
@@ -142,6 +146,7 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         max_length: args.max_length,
         device: args.device.device,
         precision: args.device.dtype,
+        base_model_id: args.base_model_id.clone(),
     })?;
     let cfg = TrainConfig {
         task: args.task.clone(),
@@ -178,7 +183,7 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     std::fs::write(&metrics_path, serde_json::to_string_pretty(&report)? + "\n")
         .with_context(|| format!("{}", metrics_path.display()))?;
     if let Some(dir) = &args.export_peft {
-        peft::export_dir(&file, dir)?;
+        super::convert::warn_if_base_unknown(&peft::export_dir(&file, dir)?);
     }
     eprintln!(
         "wrote {} (best epoch {}, {:.1} s, {:.1} examples/s) and {}",

@@ -42,6 +42,9 @@ pub struct EngineConfig {
     pub device: DeviceSpec,
     /// The encoder's precision (half precision is opt-in).
     pub precision: Precision,
+    /// The hub id the base weights are published under, when they are not in
+    /// [`crate::model::KNOWN_MODELS`]; recorded in prefixes and PEFT exports.
+    pub base_model_id: Option<String>,
 }
 
 impl EngineConfig {
@@ -51,6 +54,7 @@ impl EngineConfig {
             max_length: 512,
             device: DeviceSpec::Cpu,
             precision: Precision::F32,
+            base_model_id: None,
         }
     }
 }
@@ -70,7 +74,13 @@ pub struct Engine {
 impl Engine {
     pub fn load(config: &EngineConfig) -> Result<Self> {
         let device = config.device.open()?;
-        let model = PrefixedBert::load_as(&config.model_dir, &device, config.precision.dtype())?;
+        let mut model = PrefixedBert::load_as(&config.model_dir, &device, config.precision.dtype())?;
+        if let Some(id) = config.base_model_id.clone().filter(|id| !id.trim().is_empty()) {
+            if let Some(known) = model.info().hub_id.as_deref().filter(|k| *k != id) {
+                tracing::warn!(given = %id, known, "--base-model-id differs from the id known for these weights; using the given one");
+            }
+            model.set_hub_id(id.trim().to_string());
+        }
         let text = TextEncoder::from_file(
             &config.model_dir.join("tokenizer.json"),
             config.max_length,

@@ -386,6 +386,12 @@ impl PrefixedBert {
         &self.info
     }
 
+    /// Names the hub id these weights are published under (`--base-model-id`), overriding the
+    /// fingerprint lookup; it is written into the prefixes made on this model.
+    pub fn set_hub_id(&mut self, id: String) {
+        self.info.hub_id = Some(id);
+    }
+
     pub fn device(&self) -> &Device {
         &self.device
     }

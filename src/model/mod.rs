@@ -25,7 +25,7 @@ pub use config::{Activation, BertConfig};
 pub use device::{DeviceSpec, Precision};
 pub use prefix_kv::PrefixKv;
 pub use train_ops::Dropout;
-pub use weights::{fingerprint_file, ModelInfo};
+pub use weights::{fingerprint_file, known_hub_id, ModelInfo, KNOWN_MODELS};
 
 use std::path::PathBuf;
 

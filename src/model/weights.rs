@@ -19,6 +19,22 @@ pub struct ModelInfo {
     pub max_positions: usize,
     /// `sha256:<hex>` of `model.safetensors`: the same value `sha256sum` prints.
     pub fingerprint: String,
+    /// The Hugging Face hub id these exact weights are published under, when known: from
+    /// `--base-model-id`, else from [`KNOWN_MODELS`] by fingerprint. Never taken from
+    /// `config.json`'s `_name_or_path`, which names the checkpoint a model was *derived* from
+    /// (all-MiniLM-L6-v2 says `nreimers/MiniLM-L6-H384-uncased`, different weights).
+    pub hub_id: Option<String>,
+}
+
+/// Weights whose hub id is known by their fingerprint.
+pub const KNOWN_MODELS: &[(&str, &str)] = &[(
+    "sha256:53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    "sentence-transformers/all-MiniLM-L6-v2",
+)];
+
+/// The hub id of the weights with this fingerprint, if they are in [`KNOWN_MODELS`].
+pub fn known_hub_id(fingerprint: &str) -> Option<&'static str> {
+    KNOWN_MODELS.iter().find(|(fp, _)| *fp == fingerprint).map(|(_, id)| *id)
 }
 
 /// Reads the checkpoint's tensors by their module path, hiding the `bert.` prefix that
@@ -111,13 +127,15 @@ pub(crate) fn open(dir: &Path, device: &Device, dtype: DType) -> Result<Checkpoi
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default()
         });
+    let fingerprint = fingerprint_file(&path)?;
     let info = ModelInfo {
         name,
         layers: config.num_hidden_layers,
         hidden: config.hidden_size,
         heads: config.num_attention_heads,
         max_positions: config.max_position_embeddings,
-        fingerprint: fingerprint_file(&path)?,
+        fingerprint: fingerprint.clone(),
+        hub_id: known_hub_id(&fingerprint).map(str::to_string),
     };
     Ok(Checkpoint {
         config,

@@ -47,6 +47,10 @@ pub struct BaseModel {
     /// `sha256:<hex>` of the base model's `model.safetensors`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<String>,
+    /// The hub id of those weights, when known (see `ModelInfo::hub_id`); PEFT exports name it
+    /// as `base_model_name_or_path`. `name` is only the model's own label for itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_id: Option<String>,
 }
 
 impl BaseModel {
@@ -58,7 +62,15 @@ impl BaseModel {
             hidden: model.hidden,
             heads: model.heads,
             fingerprint: Some(model.fingerprint.clone()),
+            hub_id: model.hub_id.clone(),
         }
+    }
+
+    /// The hub id of the weights this prefix was made on: recorded, else known by fingerprint.
+    pub fn resolved_hub_id(&self) -> Option<String> {
+        self.hub_id
+            .clone()
+            .or_else(|| self.fingerprint.as_deref().and_then(crate::model::known_hub_id).map(str::to_string))
     }
 }
 

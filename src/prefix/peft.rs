@@ -21,6 +21,8 @@ pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 /// Written by `export-peft` beside the adapter so labels and problem type survive a round trip.
 pub const SIDECAR_FILE: &str = "prefixd.json";
+/// The model card `export-peft` writes beside the adapter.
+pub const CARD_FILE: &str = "README.md";
 
 /// The fields of `adapter_config.json` prefixd reads. Older PEFT versions omit some, newer ones
 /// add more; unknown fields are ignored.
@@ -222,9 +224,47 @@ pub fn import_dir(dir: &Path, opts: &ImportOptions, model: &ModelInfo) -> Result
     )
 }
 
+/// Choices for an export that the prefix file may not settle.
+#[derive(Debug, Clone, Default)]
+pub struct ExportOptions {
+    /// The base weights' hub id, overriding what the file records.
+    pub base_model_id: Option<String>,
+}
+
+/// What an export wrote.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct Exported {
+    /// The `base_model_name_or_path` written; `None` when the base model's id is unknown (the
+    /// field is then `null`, so that `AutoPeftModel…` fails instead of loading other weights).
+    pub base_model_id: Option<String>,
+}
+
+/// The hub id an export names, in order of trust: the caller's; the one the file records or its
+/// fingerprint is known by; the one an imported adapter's own config named. Never the model's
+/// `_name_or_path`, which may name the checkpoint it was derived from.
+fn export_base_id(file: &PrefixFile, opts: &ExportOptions) -> Option<String> {
+    opts.base_model_id
+        .clone()
+        .filter(|id| !id.trim().is_empty())
+        .or_else(|| file.meta.base_model.resolved_hub_id())
+        .or_else(|| {
+            (file.meta.source.kind == "peft_import")
+                .then(|| file.meta.source.details.get("base_model_name_or_path")?.as_str().map(str::to_string))
+                .flatten()
+        })
+}
+
 /// Writes the prefix as a PEFT adapter directory that `PeftModel.from_pretrained` loads onto
 /// `BertForSequenceClassification` with `num_labels` = the prefix's label count.
-pub fn export_dir(file: &PrefixFile, dir: &Path) -> Result<()> {
+pub fn export_dir(file: &PrefixFile, dir: &Path) -> Result<Exported> {
+    export_dir_with(file, dir, &ExportOptions::default())
+}
+
+/// [`export_dir`], with options. Besides the adapter it writes `prefixd.json` (labels, problem
+/// type, `id2label`/`label2id`, truncation) and a `README.md` model card that names the base
+/// model and shows the Python that loads the adapter with its labels.
+pub fn export_dir_with(file: &PrefixFile, dir: &Path, opts: &ExportOptions) -> Result<Exported> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| PrefixError::Io { path, source }
@@ -236,16 +276,13 @@ pub fn export_dir(file: &PrefixFile, dir: &Path) -> Result<()> {
         .get("prefix_projection")
         .and_then(|v| v.as_bool())
         .unwrap_or(false);
-    let base_name = d
-        .get("base_model_name_or_path")
-        .and_then(|v| v.as_str())
-        .unwrap_or(&m.base_model.name);
+    let base_id = export_base_id(file, opts);
     // The fields PEFT 0.21 writes for PREFIX_TUNING. The prompt embeddings we store are the final
     // projected values, so the adapter is always written with prefix_projection off: PEFT then
     // uses them as they are. The original setting is kept for information in prefixd.json.
     let config = serde_json::json!({
         "auto_mapping": null,
-        "base_model_name_or_path": base_name,
+        "base_model_name_or_path": base_id,
         "encoder_hidden_size": m.base_model.hidden,
         "inference_mode": true,
         "init_weights": null,
@@ -274,6 +311,10 @@ pub fn export_dir(file: &PrefixFile, dir: &Path) -> Result<()> {
         "problem_type": m.problem_type,
         "trained_with_prefix_projection": projection,
         "base_model_fingerprint": m.base_model.fingerprint,
+        "base_model_id": base_id,
+        "id2label": id2label(&m.labels),
+        "label2id": label2id(&m.labels),
+        "max_length": m.max_length,
     });
     let pretty = |v: &serde_json::Value| {
         let mut s = serde_json::to_string_pretty(v).unwrap_or_default();
@@ -284,5 +325,67 @@ pub fn export_dir(file: &PrefixFile, dir: &Path) -> Result<()> {
     write_atomic(&path, &pretty(&config))?;
     write_atomic(&dir.join(WEIGHTS_FILE), &weights)?;
     write_atomic(&dir.join(SIDECAR_FILE), &pretty(&sidecar))?;
-    Ok(())
+    write_atomic(&dir.join(CARD_FILE), model_card(file, base_id.as_deref()).as_bytes())?;
+    Ok(Exported { base_model_id: base_id })
+}
+
+fn id2label(labels: &[String]) -> serde_json::Map<String, serde_json::Value> {
+    labels.iter().enumerate().map(|(i, l)| (i.to_string(), l.clone().into())).collect()
+}
+
+fn label2id(labels: &[String]) -> serde_json::Map<String, serde_json::Value> {
+    labels.iter().enumerate().map(|(i, l)| (l.clone(), i.into())).collect()
+}
+
+/// A Hugging Face model card: the front matter the Hub and PEFT read (`base_model`,
+/// `library_name`), then how to load the adapter with its labels — the one thing PEFT's own
+/// files cannot carry.
+fn model_card(file: &PrefixFile, base_id: Option<&str>) -> String {
+    let m = &file.meta;
+    let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    let id2label = m.labels.iter().enumerate().map(|(i, l)| format!("{i}: {}", q(l))).collect::<Vec<_>>();
+    let problem = match m.problem_type {
+        ProblemType::SingleLabel => "single_label_classification",
+        ProblemType::MultiLabel => "multi_label_classification",
+    };
+    let (front, base_expr, base_note) = match base_id {
+        Some(id) => (format!("base_model: {}\n", q(id)), q(id), String::new()),
+        None => (
+            String::new(),
+            q("PATH/TO/THE/BASE/MODEL"),
+            format!(
+                "\n**The base model's hub id is unknown** to prefixd (its weights: `{}`, calling \
+                 itself {}). Load those exact weights: another checkpoint, even of the same shape, \
+                 computes something else. `adapter_config.json` leaves `base_model_name_or_path` \
+                 empty for that reason; export with `--base-model-id` to name it.\n",
+                m.base_model.fingerprint.as_deref().unwrap_or("no fingerprint recorded"),
+                q(&m.base_model.name)
+            ),
+        ),
+    };
+    let max_length = m.max_length.map_or(String::new(), |n| format!(", truncation=True, max_length={n}"));
+    format!(
+        "---\n{front}library_name: peft\npipeline_tag: text-classification\ntags:\n- prefix-tuning\n- prefixd\n---\n\n\
+         # {task}\n\n\
+         A prefix-tuning adapter ({p} virtual tokens) with a classifier head, exported by prefixd.\n\
+         Labels, in the head's row order: {labels}. Problem type: `{problem}`.\n{base_note}\n\
+         ```python\n\
+         from peft import PeftModel\n\
+         from transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n\
+         base_id = {base_expr}\n\
+         id2label = {{{id2label}}}\n\
+         base = AutoModelForSequenceClassification.from_pretrained(\n\
+         \x20   base_id, num_labels={n}, problem_type=\"{problem}\",\n\
+         \x20   id2label=id2label, label2id={{v: k for k, v in id2label.items()}})\n\
+         model = PeftModel.from_pretrained(base, \"path/to/this/directory\").eval()\n\
+         tokenizer = AutoTokenizer.from_pretrained(base_id)\n\
+         batch = tokenizer([\"an example\"], padding=True{max_length}, return_tensors=\"pt\")\n\
+         print(model(**batch).logits)\n\
+         ```\n",
+        task = m.task,
+        p = m.num_virtual_tokens,
+        labels = m.labels.iter().map(|l| format!("`{l}`")).collect::<Vec<_>>().join(", "),
+        n = m.labels.len(),
+        id2label = id2label.join(", "),
+    )
 }

@@ -36,6 +36,7 @@ pub fn random_prefix(
             // No fingerprint: a random prefix fits any model of this shape.
             base_model: BaseModel {
                 fingerprint: None,
+                hub_id: None,
                 ..BaseModel::of(model)
             },
             source: Source {

@@ -430,6 +430,7 @@ mod tests {
             heads: 2,
             max_positions: 512,
             fingerprint: String::new(),
+            hub_id: None,
         };
         let mut rng = rand::rngs::StdRng::seed_from_u64(p as u64);
         let file = random_prefix(&info, "t", p, 2, &mut rng).unwrap();
