@@ -10,7 +10,9 @@ use crate::prefix::{PrefixFile, ProblemType};
 
 #[derive(Debug, clap::Args)]
 pub struct ImportArgs {
-    /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
+    /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors). Here
+    /// `--max-length` records the truncation the adapter was trained with in the file (default:
+    /// the one in a prefixd.json beside it, else none: served at the server's --max-length).
     pub adapter_dir: PathBuf,
     #[command(flatten)]
     pub model: ModelArgs,
@@ -63,6 +65,8 @@ pub fn import(args: ImportArgs) -> anyhow::Result<()> {
         task: args.task,
         labels: args.labels,
         problem_type: args.problem_type,
+        // For an import, --max-length is the adapter's training truncation, recorded in the file.
+        max_length: args.model.max_length,
     };
     let file = peft::import_dir(&args.adapter_dir, &opts, model.info())
         .with_context(|| format!("{}", args.adapter_dir.display()))?;

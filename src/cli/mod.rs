@@ -61,9 +61,11 @@ pub struct ModelArgs {
     /// Hugging Face BERT directory (config.json, tokenizer.json, model.safetensors).
     #[arg(long, env = "PREFIXD_MODEL", default_value = "models/all-minilm-l6-v2")]
     pub model: PathBuf,
-    /// Truncate inputs to this many tokens (also capped at max_position_embeddings − P).
-    #[arg(long, env = "PREFIXD_MAX_LENGTH", default_value_t = 512)]
-    pub max_length: usize,
+    /// Truncate inputs to this many tokens [default: 512]. Tasks that record their own
+    /// truncation length (trained ones, and imports given one) are cut to theirs as well, and
+    /// every row to max_position_embeddings − P.
+    #[arg(long, env = "PREFIXD_MAX_LENGTH")]
+    pub max_length: Option<usize>,
     /// The Hugging Face hub id of these exact weights, recorded in prefixes and PEFT exports
     /// (known without it for the default model; otherwise exports say the base is unknown).
     #[arg(long, env = "PREFIXD_BASE_MODEL_ID")]
@@ -76,7 +78,7 @@ impl ModelArgs {
     pub fn engine_config(&self) -> crate::engine::EngineConfig {
         crate::engine::EngineConfig {
             model_dir: self.model.clone(),
-            max_length: self.max_length,
+            max_length: self.max_length.unwrap_or(crate::engine::DEFAULT_MAX_LENGTH),
             device: self.device.device,
             precision: self.device.dtype,
             base_model_id: self.base_model_id.clone(),

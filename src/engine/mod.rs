@@ -31,6 +31,9 @@ pub enum EngineError {
 
 pub type Result<T> = std::result::Result<T, EngineError>;
 
+/// The engine's truncation length when none is given: BERT's position count.
+pub const DEFAULT_MAX_LENGTH: usize = 512;
+
 /// How to build an [`Engine`].
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -51,7 +54,7 @@ impl EngineConfig {
     pub fn new(model_dir: impl Into<PathBuf>) -> Self {
         Self {
             model_dir: model_dir.into(),
-            max_length: 512,
+            max_length: DEFAULT_MAX_LENGTH,
             device: DeviceSpec::Cpu,
             precision: Precision::F32,
             base_model_id: None,

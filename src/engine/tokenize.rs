@@ -96,6 +96,13 @@ impl TextEncoder {
             .min(self.inner.max_positions.saturating_sub(p))
     }
 
+    /// The most tokens a row of `task` may hold: its own truncation length (when it records one),
+    /// the engine's `max_length`, and the model's positions less its P.
+    pub fn limit_for_task(&self, task: &crate::engine::Task) -> usize {
+        let limit = self.limit_for(task.num_virtual_tokens());
+        task.meta.max_length.map_or(limit, |n| n.min(limit))
+    }
+
     /// Encodes one input for `task`: its P, and the truncation length it was trained with.
     pub fn encode_for(&self, input: &TextInput, task: &crate::engine::Task) -> Result<Encoded> {
         self.encode_capped(input, task.num_virtual_tokens(), task.meta.max_length)

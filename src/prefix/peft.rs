@@ -52,6 +52,8 @@ struct Sidecar {
     task: String,
     labels: Vec<String>,
     problem_type: ProblemType,
+    #[serde(default)]
+    max_length: Option<usize>,
 }
 
 /// What the caller knows that the adapter does not say.
@@ -63,6 +65,9 @@ pub struct ImportOptions {
     pub labels: Option<Vec<String>>,
     /// Default: the sidecar's, else single-label.
     pub problem_type: Option<ProblemType>,
+    /// The truncation length the adapter was trained with (PEFT does not record it); inputs for
+    /// the task are cut to it. Default: the sidecar's, else none (the engine's `max_length`).
+    pub max_length: Option<usize>,
 }
 
 /// Reads a PEFT adapter from its two files' contents, checks it against the model, and builds a
@@ -189,7 +194,7 @@ pub fn import_bytes(
             kind: "peft_import".into(),
             details,
         },
-        max_length: None,
+        max_length: opts.max_length.or_else(|| sidecar.as_ref().and_then(|s| s.max_length)),
     };
     let file = PrefixFile::new(meta, prompt, weight, bias)?;
     super::check_against_model(&file, model)?;

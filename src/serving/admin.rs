@@ -130,6 +130,10 @@ pub struct PeftUpload {
     /// `single_label` (softmax) or `multi_label` (sigmoid).
     #[schema(example = "single_label")]
     problem_type: Option<String>,
+    /// The truncation length the adapter was trained with; inputs for the task are cut to it
+    /// (default: the server's `--max-length`).
+    #[schema(example = "128", minimum = 2)]
+    max_length: Option<String>,
 }
 
 /// Upload or replace a task: a native prefix file, or a PEFT adapter as multipart form data.
@@ -204,7 +208,7 @@ pub async fn put_task(
         .registry()
         .info(&name)
         .ok_or_else(|| ApiError::internal("task vanished after upload"))?;
-    Ok(Json(TaskInfo::from(&info)))
+    Ok(Json(TaskInfo::new(&info, state.infer.text())))
 }
 
 enum Upload {
@@ -247,6 +251,13 @@ async fn read_peft_form(mut form: Multipart) -> Result<PeftForm, ApiError> {
                         "problem_type {s:?}: expected single_label or multi_label"
                     ))
                 })?);
+            }
+            ("max_length", _) => {
+                let s = String::from_utf8_lossy(&data);
+                let n = s.trim().parse::<usize>().ok().filter(|&n| n >= 2).ok_or_else(|| {
+                    bad(format!("max_length {s:?}: expected a whole number of tokens, at least 2"))
+                })?;
+                options.max_length = Some(n);
             }
             _ => return Err(bad(format!("unexpected form field {key:?}"))),
         }

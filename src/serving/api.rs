@@ -106,6 +106,9 @@ pub struct TaskInfo {
     pub problem_type: String,
     /// P, the number of virtual tokens.
     pub num_virtual_tokens: usize,
+    /// Inputs are truncated to this many tokens (with `[CLS]`/`[SEP]`): the task's own truncation
+    /// length when it records one, within the server's `--max-length` and the model's positions.
+    pub max_length: usize,
     pub size_bytes: usize,
     /// Provenance: `kind` (`peft_import`, `train`, …) and details.
     #[schema(value_type = Object)]
@@ -116,10 +119,11 @@ pub struct TaskInfo {
     pub loaded_at: String,
 }
 
-impl From<&Loaded> for TaskInfo {
-    fn from(l: &Loaded) -> Self {
+impl TaskInfo {
+    pub fn new(l: &Loaded, text: &crate::engine::TextEncoder) -> Self {
         let t = &l.task;
         Self {
+            max_length: text.limit_for_task(t),
             name: t.name().to_string(),
             labels: t.labels().to_vec(),
             problem_type: t.problem_type().as_str().to_string(),
@@ -288,7 +292,7 @@ async fn classify_inner(
 )]
 pub async fn list_tasks(State(state): State<Arc<AppState>>) -> Json<TaskList> {
     Json(TaskList {
-        tasks: state.infer.registry().list().iter().map(TaskInfo::from).collect(),
+        tasks: state.infer.registry().list().iter().map(|l| TaskInfo::new(l, state.infer.text())).collect(),
     })
 }
 
@@ -315,7 +319,7 @@ pub async fn get_task(
         .infer
         .registry()
         .info(&name)
-        .map(|l| Json(TaskInfo::from(&l)))
+        .map(|l| Json(TaskInfo::new(&l, state.infer.text())))
         .ok_or_else(|| ApiError::unknown_task(&name))
 }
 

@@ -74,6 +74,11 @@ impl Infer {
         }
     }
 
+    /// The tokenizer, for what it says about truncation.
+    pub fn text(&self) -> &TextEncoder {
+        &self.shared.text
+    }
+
     pub fn registry(&self) -> &Registry {
         &self.shared.registry
     }
