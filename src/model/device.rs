@@ -175,3 +175,12 @@ mod tests {
         assert!(matches!(DeviceSpec::Auto.open(), Ok(Device::Cpu)));
     }
 }
+
+/// `cpu` or `cuda:N`, as `--device` spells it.
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}

@@ -22,7 +22,7 @@ mod weights;
 pub use batch::EncoderRow;
 pub use bert::PrefixedBert;
 pub use config::{Activation, BertConfig};
-pub use device::{DeviceSpec, Precision};
+pub use device::{device_name, DeviceSpec, Precision};
 pub use prefix_kv::PrefixKv;
 pub use train_ops::Dropout;
 pub use weights::{fingerprint_file, known_hub_id, ModelInfo, KNOWN_MODELS};

@@ -238,7 +238,8 @@ pub async fn classify(
 ) -> Response {
     let start = Instant::now();
     let mut task_label = String::from("unknown");
-    let result = classify_inner(&state, body, &mut task_label).await;
+    let mut rows = 0;
+    let result = classify_inner(&state, body, &mut task_label, &mut rows).await;
     let status = match &result {
         Ok(_) => StatusCode::OK,
         Err(e) => e.status,
@@ -253,15 +254,22 @@ pub async fn classify(
     if let Err(e) = &result {
         tracing::debug!(task = %task_label, status = %status, error = %e.message, "classify refused");
     }
-    result.into_response()
+    let mut response = result.into_response();
+    response.extensions_mut().insert(super::observe::AccessNote { task: task_label, rows });
+    response
 }
 
 async fn classify_inner(
     state: &Arc<AppState>,
     body: Result<Json<ClassifyRequest>, JsonRejection>,
     task_label: &mut String,
+    rows: &mut usize,
 ) -> Result<Json<ClassifyResponse>, ApiError> {
     let Json(req) = body?;
+    *rows = match &req.inputs {
+        Value::Array(items) => items.len(),
+        _ => 1,
+    };
     // Only registered names become metric labels, so clients cannot mint new series.
     state.infer.task(&req.task)?;
     task_label.clone_from(&req.task);

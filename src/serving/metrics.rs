@@ -11,6 +11,10 @@ use crate::serving::registry::{LoadOrigin, RegistryObserver};
 
 pub struct Metrics {
     registry: Registry,
+    /// `process_*` (CPU, memory, file descriptors, start time) under their conventional names,
+    /// without the `prefixd_` namespace the main registry adds.
+    process: Registry,
+    build_info: prometheus::IntGaugeVec,
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
     pub queue_duration: Histogram,
@@ -85,8 +89,16 @@ impl Metrics {
                 ),
                 &["origin", "result"],
             )?,
+            build_info: prometheus::IntGaugeVec::new(
+                Opts::new("build_info", "Always 1; the labels say what is running."),
+                &["version", "cuda", "device", "dtype", "cpu_isa", "model", "model_fingerprint"],
+            )?,
+            process: Registry::new(),
             registry,
         };
+        #[cfg(target_os = "linux")]
+        m.process
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         let r = &m.registry;
         r.register(Box::new(m.requests.clone()))?;
         r.register(Box::new(m.request_duration.clone()))?;
@@ -100,6 +112,7 @@ impl Metrics {
         r.register(Box::new(m.model_panics.clone()))?;
         r.register(Box::new(m.tasks_loaded.clone()))?;
         r.register(Box::new(m.prefix_loads.clone()))?;
+        r.register(Box::new(m.build_info.clone()))?;
         Ok(m)
     }
 
@@ -107,8 +120,22 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
         // Encoding into a Vec cannot fail for the text format.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        let mut families = self.registry.gather();
+        families.extend(self.process.gather());
+        let _ = TextEncoder::new().encode(&families, &mut buf);
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Metrics {
+    /// Sets `prefixd_build_info` from what the server runs.
+    pub fn build_info(&self, info: &crate::serving::ServerInfo) {
+        let m = &info.model;
+        let cuda = if info.cuda_build { "true" } else { "false" };
+        let model = m.hub_id.as_deref().unwrap_or(&m.name);
+        self.build_info
+            .with_label_values(&[&info.version, cuda, &m.device, &m.dtype, &m.cpu_isa, model, &m.fingerprint])
+            .set(1);
     }
 }
 

@@ -17,6 +17,7 @@ mod body;
 mod error;
 mod infer;
 mod metrics;
+mod observe;
 mod openapi;
 pub mod registry;
 mod server;
@@ -28,6 +29,7 @@ pub use body::BodyLimits;
 pub use error::ErrorBody;
 pub use infer::{Classified, Infer, InferError, InputLimits};
 pub use metrics::Metrics;
+pub use observe::ServerInfo;
 pub use openapi::ApiDoc;
 pub use server::ConnConfig;
 
@@ -110,6 +112,8 @@ pub struct AppState {
     pub admin: admin::Admin,
     pub api_keys: ApiKeys,
     pub limits: RequestLimits,
+    /// What `GET /info` says (its task count is filled in when asked).
+    pub info: ServerInfo,
     draining: AtomicBool,
 }
 
@@ -118,11 +122,17 @@ impl AppState {
         Self {
             admin: admin::Admin::new(admin_token, limits.max_concurrent_uploads),
             api_keys: ApiKeys::default(),
+            info: ServerInfo::default(),
             infer,
             metrics,
             limits,
             draining: AtomicBool::new(false),
         }
+    }
+
+    pub fn with_info(mut self, info: ServerInfo) -> Self {
+        self.info = info;
+        self
     }
 
     /// Requires one of `keys` on the inference and listing routes.
@@ -177,6 +187,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/ready", get(api::ready))
         .route("/v2/health/ready", get(api::ready))
         .route("/metrics", get(api::metrics))
+        .route("/info", get(observe::info))
         .route(
             "/openapi.json",
             get(move || {
@@ -194,6 +205,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
         .layer(DefaultBodyLimit::disable())
         .layer(middleware::from_fn(body::json_errors))
+        .layer(middleware::from_fn(observe::access_log))
         .layer(
             // Failures are logged where they happen, with their reason; a 503 at shutdown or a
             // 500 the model thread already reported is not news worth a second ERROR line.
@@ -208,6 +220,41 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+/// What `GET /info` and `prefixd_build_info` say about this server.
+fn describe(engine: &Engine, config: &ServeConfig) -> ServerInfo {
+    let m = engine.model_info();
+    let model = engine.model();
+    ServerInfo {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        cuda_build: cfg!(feature = "cuda"),
+        model: observe::ModelDescription {
+            name: m.name.clone(),
+            hub_id: m.hub_id.clone(),
+            fingerprint: m.fingerprint.clone(),
+            layers: m.layers,
+            hidden: m.hidden,
+            heads: m.heads,
+            max_positions: m.max_positions,
+            device: crate::model::device_name(model.device()),
+            dtype: format!("{:?}", model.dtype()).to_lowercase(),
+            cpu_isa: crate::model::isa::active().name().to_string(),
+        },
+        limits: observe::LimitsDescription {
+            max_length: engine.text_encoder().max_length(),
+            max_inputs: config.limits.inputs.max_inputs,
+            max_text_chars: config.limits.inputs.max_text_chars,
+            max_request_bytes: config.limits.max_request_bytes,
+            max_upload_bytes: config.limits.max_upload_bytes,
+            max_batch_rows: config.batcher.max_batch_rows,
+            max_batch_tokens: config.batcher.max_batch_tokens,
+            max_queue_rows: config.batcher.max_queue_rows,
+        },
+        tasks: 0,
+        api_key_required: config.api_keys.required(),
+        admin_enabled: config.admin_token.as_deref().is_some_and(|t| !t.is_empty()),
+    }
 }
 
 /// One forward pass so the first request does not pay for lazy initialisation.
@@ -244,6 +291,8 @@ async fn serve_async(config: ServeConfig) -> anyhow::Result<()> {
     .await??;
     let info = engine.model_info().clone();
     tracing::info!(model = %info.name, layers = info.layers, hidden = info.hidden, "model loaded");
+    let server_info = describe(&engine, &config);
+    metrics.build_info(&server_info);
 
     let observer: Arc<dyn RegistryObserver> = metrics.clone();
     let dir = config.prefixes_dir.clone();
@@ -272,7 +321,8 @@ async fn serve_async(config: ServeConfig) -> anyhow::Result<()> {
         config.admin_token.clone(),
         config.limits.clone(),
     )
-    .with_api_keys(config.api_keys.clone()));
+    .with_api_keys(config.api_keys.clone())
+    .with_info(server_info));
     if !state.api_keys.required() {
         tracing::info!("no --api-key: classify and task listing are open to anyone who can connect");
     }

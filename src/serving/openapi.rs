@@ -3,7 +3,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{admin, api, error};
+use super::{admin, api, error, observe};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -17,6 +17,7 @@ use super::{admin, api, error};
         api::health,
         api::ready,
         api::metrics,
+        observe::info,
     ),
     components(schemas(
         api::ClassifyRequest,
@@ -29,6 +30,9 @@ use super::{admin, api, error};
         api::TaskList,
         api::Status,
         error::ErrorBody,
+        observe::ServerInfo,
+        observe::ModelDescription,
+        observe::LimitsDescription,
     )),
     modifiers(&BearerAuth),
 )]
