@@ -93,7 +93,7 @@ proptest! {
     ) {
         let dir = tempfile::tempdir().unwrap();
         let file = PrefixFile::from_bytes(good_file()).unwrap();
-        peft::export_dir(&file, dir.path()).unwrap();
+        let _ = peft::export_dir(&file, dir.path()).unwrap();
         let mut config: Value =
             serde_json::from_slice(&std::fs::read(dir.path().join(peft::CONFIG_FILE)).unwrap()).unwrap();
         let key = ["peft_type", "task_type", "num_virtual_tokens", "num_layers", "token_dim",

@@ -433,7 +433,7 @@ fn multipart_peft_upload_on_the_tiny_model() {
     let (_dir, server) = start(&[]);
     let file = tiny::prefix("peft", 5, 2, 11);
     let out = tempfile::tempdir().unwrap();
-    prefixd::prefix::peft::export_dir(&file, out.path()).unwrap();
+    let _ = prefixd::prefix::peft::export_dir(&file, out.path()).unwrap();
     let config = std::fs::read(out.path().join("adapter_config.json")).unwrap();
     let weights = std::fs::read(out.path().join("adapter_model.safetensors")).unwrap();
     let (ct, body) = multipart(&[

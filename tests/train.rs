@@ -145,7 +145,7 @@ fn projection_trains_and_folds_away_and_peft_round_trip_keeps_logits() {
     assert_eq!(file.meta.source.details["prefix_projection"], true);
 
     let dir = tempfile::tempdir().unwrap();
-    peft::export_dir(&file, dir.path()).unwrap();
+    let _ = peft::export_dir(&file, dir.path()).unwrap();
     let reimported =
         peft::import_dir(dir.path(), &Default::default(), engine().model_info()).unwrap();
     let info = engine().model_info();
@@ -254,10 +254,10 @@ fn train_and_eval_commands() {
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        String::from_utf8(o.stdout).unwrap()
+        (String::from_utf8(o.stdout).unwrap(), String::from_utf8(o.stderr).unwrap())
     };
     let model = model_dir();
-    run(&[
+    let (_, trained_log) = run(&[
         "train",
         "--model",
         model.to_str().unwrap(),
@@ -272,9 +272,11 @@ fn train_and_eval_commands() {
         "--virtual-tokens",
         "4",
         "--epochs",
-        "1",
+        "2",
         "--batch-size",
         "8",
+        "--log-every",
+        "2",
         "--quiet",
         "--export-peft",
         peft_dir.to_str().unwrap(),
@@ -284,8 +286,29 @@ fn train_and_eval_commands() {
         &std::fs::read_to_string(out.path().join("sst2.metrics.json")).unwrap(),
     )
     .unwrap();
-    assert_eq!(metrics["epochs"].as_array().unwrap().len(), 1);
+    assert_eq!(metrics["epochs"].as_array().unwrap().len(), 2);
     assert!(metrics["examples_per_s"].as_f64().unwrap() > 0.0);
+    // 24 rows in batches of 8: 3 steps an epoch, 6 in all; the loss every 2 steps, with the
+    // learning rate of the schedule at that step.
+    let steps = metrics["steps"].as_array().unwrap();
+    let at: Vec<u64> = steps.iter().map(|s| s["step"].as_u64().unwrap()).collect();
+    assert_eq!(at, [2, 4, 6]);
+    for s in steps {
+        let t = s["step"].as_u64().unwrap() as usize;
+        let want = prefixd::training::lr_at(1e-2, t - 1, 6, 1);
+        assert!((s["lr"].as_f64().unwrap() - want).abs() < 1e-12, "{s}");
+        let loss = s["loss"].as_f64().unwrap();
+        assert!(loss.is_finite() && loss > 0.0, "{s}");
+    }
+    assert_eq!(steps[2]["epoch"], 2);
+    // The learning curve beside the prefix, and the best epoch's per-class report.
+    let svg = std::fs::read_to_string(out.path().join("sst2.curve.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{svg}");
+    for word in ["loss", "accuracy", "macro-F1", "optimizer step", "epoch"] {
+        assert!(svg.contains(word), "the curve lacks {word:?}");
+    }
+    assert!(trained_log.contains("precision") && trained_log.contains("positive"), "{trained_log}");
+    let confusion = out.path().join("confusion.svg");
     let report: serde_json::Value = serde_json::from_str(&run(&[
         "eval",
         "--model",
@@ -295,11 +318,21 @@ fn train_and_eval_commands() {
         "--data",
         path.to_str().unwrap(),
         "--json",
-    ]))
+        "--confusion-svg",
+        confusion.to_str().unwrap(),
+    ]).0)
     .unwrap();
+    let picture = std::fs::read_to_string(&confusion).unwrap();
+    for row in report["confusion"].as_array().unwrap() {
+        for n in row.as_array().unwrap() {
+            assert!(picture.contains(&format!(">\n{n}\n</text>")), "the picture lacks the count {n}");
+        }
+    }
+    assert!(picture.contains("negative") && picture.contains("positive"));
     assert_eq!(report["examples"], 24);
     let acc = report["accuracy"].as_f64().unwrap();
-    let trained = metrics["epochs"][0]["eval"]["accuracy"].as_f64().unwrap();
+    let best = metrics["best_epoch"].as_u64().unwrap() as usize - 1;
+    let trained = metrics["epochs"][best]["eval"]["accuracy"].as_f64().unwrap();
     assert!(
         (acc - trained).abs() < 1e-9,
         "eval agrees with the trainer's own evaluation"
@@ -313,6 +346,7 @@ fn train_and_eval_commands() {
         file.to_str().unwrap(),
         "--data",
         path.to_str().unwrap(),
-    ]);
+    ])
+    .0;
     assert!(text.contains("macro-F1") && text.contains("confusion"));
 }

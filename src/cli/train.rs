@@ -107,6 +107,10 @@ pub struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Record the training loss and learning rate every N optimizer steps (in the metrics JSON
+    /// and the learning-curve picture).
+    #[arg(long, default_value_t = 20)]
+    pub log_every: usize,
     #[command(flatten)]
     pub device: super::DeviceArgs,
 }
@@ -161,6 +165,7 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         max_grad_norm: (args.max_grad_norm > 0.0).then_some(args.max_grad_norm),
         dropout: args.dropout,
         seed: args.seed,
+        log_every: args.log_every,
     };
     eprintln!(
         "training {:?}: {} examples, labels {:?}, P = {}, {} epochs, batch {}, lr {}",
@@ -182,16 +187,23 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     let metrics_path = metrics_path(&args.output);
     std::fs::write(&metrics_path, serde_json::to_string_pretty(&report)? + "\n")
         .with_context(|| format!("{}", metrics_path.display()))?;
+    let curve_path = sibling(&args.output, "curve.svg");
+    std::fs::write(&curve_path, crate::training::plots::learning_curve_svg(&report)?)
+        .with_context(|| format!("{}", curve_path.display()))?;
     if let Some(dir) = &args.export_peft {
         super::convert::warn_if_base_unknown(&peft::export_dir(&file, dir)?);
     }
+    if let Some(e) = report.epochs[report.best_epoch - 1].eval.as_ref() {
+        eprint!("best epoch {} on the eval set:\n{}", report.best_epoch, e.render());
+    }
     eprintln!(
-        "wrote {} (best epoch {}, {:.1} s, {:.1} examples/s) and {}",
+        "wrote {} (best epoch {}, {:.1} s, {:.1} examples/s), {} and {}",
         args.output.display(),
         report.best_epoch,
         report.train_seconds,
         report.examples_per_s,
-        metrics_path.display()
+        metrics_path.display(),
+        curve_path.display()
     );
     Ok(())
 }
@@ -242,11 +254,16 @@ impl TrainObserver for ProgressOutput {
 
 /// `dir/name.safetensors` → `dir/name.metrics.json`.
 pub fn metrics_path(output: &std::path::Path) -> PathBuf {
+    sibling(output, "metrics.json")
+}
+
+/// `dir/NAME.<suffix>` for an output `dir/NAME.safetensors`.
+fn sibling(output: &std::path::Path, suffix: &str) -> PathBuf {
     let stem = output
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    output.with_file_name(format!("{stem}.metrics.json"))
+    output.with_file_name(format!("{stem}.{suffix}"))
 }
 
 #[derive(Debug, clap::Args)]
@@ -270,6 +287,9 @@ pub struct EvalArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Also draw the confusion matrix into this SVG file.
+    #[arg(long, value_name = "FILE")]
+    pub confusion_svg: Option<PathBuf>,
 }
 
 pub fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
@@ -287,6 +307,11 @@ pub fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
         ds.examples.truncate(n);
     }
     let report = evaluate(&engine, &task, &ds.examples, args.batch_size)?;
+    if let Some(path) = &args.confusion_svg {
+        let title = format!("{} on {}", task.name(), args.data.display());
+        let svg = crate::training::plots::confusion_svg(&report, task.labels(), &title)?;
+        std::fs::write(path, svg).with_context(|| format!("{}", path.display()))?;
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -23,6 +23,10 @@ pub struct TrainConfig {
     /// BERT's hidden and attention dropout during training.
     pub dropout: f32,
     pub seed: u64,
+    /// Record the training loss and learning rate every this many optimizer steps (0: never).
+    /// Not a training setting: left out of the file's provenance.
+    #[serde(skip)]
+    pub log_every: usize,
 }
 
 impl Default for TrainConfig {
@@ -40,6 +44,7 @@ impl Default for TrainConfig {
             max_grad_norm: Some(1.0),
             dropout: 0.1,
             seed: 42,
+            log_every: 20,
         }
     }
 }
@@ -66,6 +71,20 @@ pub struct TrainReport {
     pub best_epoch: usize,
     pub train_seconds: f64,
     pub examples_per_s: f64,
+    /// The training loss every `log_every` steps, with the learning rate then.
+    pub steps: Vec<StepLog>,
+}
+
+/// The training loss around one optimizer step.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepLog {
+    /// 1-based optimizer step.
+    pub step: usize,
+    pub epoch: usize,
+    /// Mean loss over the examples of the steps since the previous entry.
+    pub loss: f64,
+    /// The learning rate of this step.
+    pub lr: f64,
 }
 
 /// `lr` at optimizer step `t` of `total`: linear warmup from 0, then linear decay to 0 (the

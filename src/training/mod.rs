@@ -10,6 +10,7 @@ mod config;
 pub mod data;
 mod diagnostics;
 pub mod evaluate;
+pub mod plots;
 mod params;
 mod trainer;
 
@@ -19,7 +20,7 @@ use std::time::Instant;
 
 use crate::engine::{Encoded, Engine, Task};
 use crate::prefix::{PrefixFile, Source};
-pub use config::{lr_at, EpochReport, TrainConfig, TrainReport};
+pub use config::{lr_at, EpochReport, StepLog, TrainConfig, TrainReport};
 use data::Dataset;
 pub use diagnostics::{bench_steps, gradient_norms, GradientNorms};
 use evaluate::evaluate;
@@ -109,6 +110,8 @@ pub fn train(
     let start = Instant::now();
     let mut train_time = 0f64;
     let mut t = 0usize;
+    let mut steps = Vec::new();
+    let (mut window_loss, mut window_n) = (0f64, 0usize);
     for epoch in 1..=cfg.epochs {
         order.shuffle(&mut shuffle_rng);
         observer.epoch_started(epoch, cfg.epochs, steps_per_epoch);
@@ -119,10 +122,19 @@ pub fn train(
                 .iter()
                 .map(|&i| (&encoded[i].0, encoded[i].1))
                 .collect();
-            let loss = trainer.step(&batch, lr_at(cfg.lr, t, total, warmup))?;
+            let lr = lr_at(cfg.lr, t, total, warmup);
+            let loss = trainer.step(&batch, lr)?;
             t += 1;
             loss_sum += loss * batch.len() as f64;
             seen += batch.len();
+            window_loss += loss * batch.len() as f64;
+            window_n += batch.len();
+            if cfg.log_every > 0 && (t % cfg.log_every == 0 || t == total) {
+                let entry = StepLog { step: t, epoch, loss: window_loss / window_n as f64, lr };
+                tracing::debug!(step = t, epoch, loss = entry.loss, lr, "training");
+                steps.push(entry);
+                (window_loss, window_n) = (0.0, 0);
+            }
             let rate = seen as f64 / epoch_start.elapsed().as_secs_f64();
             observer.step_done(loss_sum / seen as f64, rate);
         }
@@ -163,6 +175,7 @@ pub fn train(
         train_seconds: start.elapsed().as_secs_f64(),
         examples_per_s: (encoded.len() * cfg.epochs) as f64 / train_time,
         epochs,
+        steps,
     };
     file.meta.source = provenance(&report);
     Ok((file, report))
