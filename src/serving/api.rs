@@ -236,43 +236,68 @@ pub async fn classify(
     State(state): State<Arc<AppState>>,
     body: Result<Json<ClassifyRequest>, JsonRejection>,
 ) -> Response {
-    let start = Instant::now();
-    let mut task_label = String::from("unknown");
-    let mut rows = 0;
-    let result = classify_inner(&state, body, &mut task_label, &mut rows).await;
-    let status = match &result {
-        Ok(_) => StatusCode::OK,
-        Err(e) => e.status,
-    };
-    let m = &state.metrics;
-    m.requests
-        .with_label_values(&[task_label.as_str(), status.as_str()])
-        .inc();
-    m.request_duration
-        .with_label_values(&[task_label.as_str()])
-        .observe(start.elapsed().as_secs_f64());
-    if let Err(e) = &result {
-        tracing::debug!(task = %task_label, status = %status, error = %e.message, "classify refused");
+    let mut books = Books::start();
+    let result = classify_inner(&state, body, &mut books).await;
+    books.finish(&state, result)
+}
+
+/// The bookkeeping every classifying route shares (this one, KServe v2, the Hugging Face
+/// shape): request count and duration by task and status, and the access log's task and rows.
+pub(super) struct Books {
+    start: Instant,
+    task: String,
+    rows: usize,
+}
+
+impl Books {
+    pub(super) fn start() -> Self {
+        Self { start: Instant::now(), task: "unknown".into(), rows: 0 }
     }
-    let mut response = result.into_response();
-    response.extensions_mut().insert(super::observe::AccessNote { task: task_label, rows });
-    response
+
+    /// Names the task, once it is known to be registered: only registered names become metric
+    /// labels, so clients cannot mint new series.
+    pub(super) fn task(&mut self, state: &AppState, name: &str) -> Result<(), ApiError> {
+        state.infer.task(name)?;
+        self.task = name.to_string();
+        Ok(())
+    }
+
+    pub(super) fn rows(&mut self, rows: usize) {
+        self.rows = rows;
+    }
+
+    pub(super) fn finish(self, state: &AppState, result: Result<impl IntoResponse, ApiError>) -> Response {
+        let status = match &result {
+            Ok(_) => StatusCode::OK,
+            Err(e) => e.status,
+        };
+        let m = &state.metrics;
+        m.requests.with_label_values(&[self.task.as_str(), status.as_str()]).inc();
+        m.request_duration
+            .with_label_values(&[self.task.as_str()])
+            .observe(self.start.elapsed().as_secs_f64());
+        if let Err(e) = &result {
+            tracing::debug!(task = %self.task, status = %status, error = %e.message, "classify refused");
+        }
+        let mut response = result.into_response();
+        response
+            .extensions_mut()
+            .insert(super::observe::AccessNote { task: self.task, rows: self.rows });
+        response
+    }
 }
 
 async fn classify_inner(
     state: &Arc<AppState>,
     body: Result<Json<ClassifyRequest>, JsonRejection>,
-    task_label: &mut String,
-    rows: &mut usize,
+    books: &mut Books,
 ) -> Result<Json<ClassifyResponse>, ApiError> {
     let Json(req) = body?;
-    *rows = match &req.inputs {
+    books.rows(match &req.inputs {
         Value::Array(items) => items.len(),
         _ => 1,
-    };
-    // Only registered names become metric labels, so clients cannot mint new series.
-    state.infer.task(&req.task)?;
-    task_label.clone_from(&req.task);
+    });
+    books.task(state, &req.task)?;
     let inputs = parse_inputs(&req.inputs)?;
     let done = state.infer.classify(&req.task, inputs).await?;
     Ok(Json(ClassifyResponse {

@@ -15,7 +15,9 @@ mod auth;
 mod batcher;
 mod body;
 mod error;
+mod hf;
 mod infer;
+mod kserve;
 mod metrics;
 mod observe;
 mod openapi;
@@ -161,13 +163,20 @@ pub fn router(state: Arc<AppState>) -> Router {
     };
     let (request_body, upload_body) = (body(limits.max_request_bytes), body(limits.max_upload_bytes));
     // Layers run outermost-last-added: the API key is checked before the body is read.
+    // Every classifying route (ours, the Hugging Face shape, KServe v2) goes through one door:
+    // `Infer::classify`.
     let classify = Router::new()
         .route("/v1/classify", post(api::classify))
+        .route("/v1/tasks/{task}/predict", post(hf::predict))
+        .route("/v2/models/{task}/infer", post(kserve::infer))
         .layer(middleware::from_fn(move |req, next| {
             body::buffer_body(request_body, req, next)
         }))
         .route("/v1/tasks", get(api::list_tasks))
         .route("/v1/tasks/{task}", get(api::get_task))
+        .route("/v2/models", get(kserve::list_models))
+        .route("/v2/models/{task}", get(kserve::model_metadata))
+        .route("/v2/models/{task}/ready", get(kserve::model_ready))
         .layer(middleware::from_fn_with_state(state.clone(), auth::require_api_key));
     // The admin token, not an API key, guards these.
     let admin = Router::new()
@@ -188,6 +197,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v2/health/ready", get(api::ready))
         .route("/metrics", get(api::metrics))
         .route("/info", get(observe::info))
+        .route("/v2", get(kserve::server_metadata))
         .route(
             "/openapi.json",
             get(move || {

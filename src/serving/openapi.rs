@@ -3,7 +3,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{admin, api, error, observe};
+use super::{admin, api, error, hf, observe};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -18,6 +18,7 @@ use super::{admin, api, error, observe};
         api::ready,
         api::metrics,
         observe::info,
+        hf::predict,
     ),
     components(schemas(
         api::ClassifyRequest,
@@ -33,6 +34,9 @@ use super::{admin, api, error, observe};
         observe::ServerInfo,
         observe::ModelDescription,
         observe::LimitsDescription,
+        hf::PredictRequest,
+        hf::PredictParameters,
+        hf::LabelScore,
     )),
     modifiers(&BearerAuth),
 )]

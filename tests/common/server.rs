@@ -168,6 +168,18 @@ impl Server {
         }
     }
 
+    /// POST raw bytes with extra headers.
+    pub fn post_raw_with(&self, path: &str, content_type: &str, body: &[u8], headers: &[(&str, &str)]) -> Reply {
+        let mut req = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("content-type", content_type);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        Self::reply(req.send(body))
+    }
+
     pub fn classify(&self, body: &Value) -> Reply {
         self.post_json("/v1/classify", body)
     }
