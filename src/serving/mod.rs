@@ -198,13 +198,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(api::metrics))
         .route("/info", get(observe::info))
         .route("/v2", get(kserve::server_metadata))
-        .route(
-            "/openapi.json",
-            get(move || {
-                let doc = openapi.clone();
-                async move { axum::Json(doc) }
-            }),
-        )
+        // The playground and the docs are static, served from the binary: no network needed.
+        .route("/", get(playground))
+        .merge(utoipa_swagger_ui::SwaggerUi::new("/docs").url("/openapi.json", openapi))
         .fallback(|| async {
             error::ApiError::new(
                 axum::http::StatusCode::NOT_FOUND,
@@ -230,6 +226,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+/// `GET /`: a page to try the tasks from a browser (list, classify, scores as bars, the curl).
+async fn playground() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("assets/playground.html"))
 }
 
 /// What `GET /info` and `prefixd_build_info` say about this server.
