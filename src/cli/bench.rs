@@ -154,7 +154,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.seq_len >= 2,
         "--seq-len must be at least 2 ([CLS] and [SEP])"
     );
-    let engine = Engine::load(&args.model.engine_config())?;
+    let engine = Engine::load(&args.model.engine_config()?)?;
     let info = engine.model_info().clone();
     anyhow::ensure!(
         args.prefix_len + args.seq_len <= info.max_positions,

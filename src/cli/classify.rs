@@ -99,7 +99,7 @@ fn task_key(path: &std::path::Path) -> String {
 
 pub fn run(args: ClassifyArgs) -> anyhow::Result<()> {
     let inputs = read_inputs(&args)?;
-    let engine = Engine::load(&args.model.engine_config())?;
+    let engine = Engine::load(&args.model.engine_config()?)?;
     let mut tasks: Vec<(String, Task)> = Vec::new();
     for path in &args.prefix {
         let task = engine

@@ -60,7 +60,10 @@ pub fn import(args: ImportArgs) -> anyhow::Result<()> {
         bail!("{}: not a directory", args.adapter_dir.display());
     }
     // Only the model's shape and fingerprint are needed, but loading it also proves it is usable.
-    let model = PrefixedBert::load(&args.model.model, &candle_core::Device::Cpu)?;
+    let mut model = PrefixedBert::load(&args.model.model_dir()?, &candle_core::Device::Cpu)?;
+    if let Some(id) = args.model.base_model_id.clone().filter(|id| !id.trim().is_empty()) {
+        model.set_hub_id(id.trim().to_string());
+    }
     let opts = ImportOptions {
         task: args.task,
         labels: args.labels,

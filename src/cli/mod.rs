@@ -4,6 +4,7 @@
 mod bench;
 mod classify;
 mod convert;
+mod hub;
 mod serve;
 mod synth;
 mod train;
@@ -61,8 +62,9 @@ pub struct DeviceArgs {
 /// The base model directory argument shared by every command that runs the model.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelArgs {
-    /// Hugging Face BERT directory (config.json, tokenizer.json, model.safetensors).
-    #[arg(long, env = "PREFIXD_MODEL", default_value = "models/all-minilm-l6-v2")]
+    /// Hugging Face BERT directory (config.json, tokenizer.json, model.safetensors), or a hub
+    /// model id ORG/NAME[@REVISION] fetched into the standard Hugging Face cache (HF_HOME).
+    #[arg(long, env = "PREFIXD_MODEL", default_value = DEFAULT_MODEL)]
     pub model: PathBuf,
     /// Truncate inputs to this many tokens [default: 512]. Tasks that record their own
     /// truncation length (trained ones, and imports given one) are cut to theirs as well, and
@@ -77,15 +79,23 @@ pub struct ModelArgs {
     pub device: DeviceArgs,
 }
 
+/// Where `scripts/fetch-model` puts the default model.
+pub const DEFAULT_MODEL: &str = "models/all-minilm-l6-v2";
+
 impl ModelArgs {
-    pub fn engine_config(&self) -> crate::engine::EngineConfig {
-        crate::engine::EngineConfig {
-            model_dir: self.model.clone(),
+    /// The model directory: `--model` itself, or the hub snapshot it names.
+    pub fn model_dir(&self) -> anyhow::Result<PathBuf> {
+        hub::resolve_model(&self.model)
+    }
+
+    pub fn engine_config(&self) -> anyhow::Result<crate::engine::EngineConfig> {
+        Ok(crate::engine::EngineConfig {
+            model_dir: self.model_dir()?,
             max_length: self.max_length.unwrap_or(crate::engine::DEFAULT_MAX_LENGTH),
             device: self.device.device,
             precision: self.device.dtype,
             base_model_id: self.base_model_id.clone(),
-        }
+        })
     }
 }
 

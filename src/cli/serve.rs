@@ -101,7 +101,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         "--max-connections and --max-concurrent-uploads must be at least 1"
     );
     crate::serving::serve(ServeConfig {
-        engine: args.model.engine_config(),
+        engine: args.model.engine_config()?,
         prefixes_dir: args.prefixes,
         addr: args.addr,
         admin_token: args.admin_token,

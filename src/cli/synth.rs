@@ -29,7 +29,7 @@ pub struct SynthArgs {
 }
 
 pub fn run(args: SynthArgs) -> anyhow::Result<()> {
-    let model = PrefixedBert::load(&args.model.model, &candle_core::Device::Cpu)?;
+    let model = PrefixedBert::load(&args.model.model_dir()?, &candle_core::Device::Cpu)?;
     std::fs::create_dir_all(&args.output)?;
     let mut rng = StdRng::seed_from_u64(args.seed);
     for i in 0..args.count {

@@ -39,8 +39,9 @@ impl ColumnArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct TrainArgs {
-    /// Hugging Face BERT directory (config.json, tokenizer.json, model.safetensors).
-    #[arg(long, env = "PREFIXD_MODEL", default_value = "models/all-minilm-l6-v2")]
+    /// Hugging Face BERT directory (config.json, tokenizer.json, model.safetensors), or a hub
+    /// model id ORG/NAME[@REVISION] fetched into the standard Hugging Face cache (HF_HOME).
+    #[arg(long, env = "PREFIXD_MODEL", default_value = super::DEFAULT_MODEL)]
     pub model: PathBuf,
     /// Training data: .tsv (header, tab-separated, no quoting), .csv or .jsonl.
     #[arg(long)]
@@ -146,7 +147,7 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         args.device.dtype
     );
     let engine = Engine::load(&EngineConfig {
-        model_dir: args.model.clone(),
+        model_dir: super::hub::resolve_model(&args.model)?,
         max_length: args.max_length,
         device: args.device.device,
         precision: args.device.dtype,
@@ -293,7 +294,7 @@ pub struct EvalArgs {
 }
 
 pub fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
-    let engine = Engine::load(&args.model.engine_config())?;
+    let engine = Engine::load(&args.model.engine_config()?)?;
     let task = engine
         .load_task(&args.prefix)
         .with_context(|| format!("{}", args.prefix.display()))?;
