@@ -36,7 +36,7 @@ fn main() -> std::process::ExitCode {
     ) {
         keep_freed_memory();
     }
-    prefixd::cli::init_tracing(cli.verbose, cli.log_format);
+    let _telemetry = prefixd::cli::init_tracing(cli.verbose, cli.log_format, cli.otlp_endpoint.as_deref());
     match prefixd::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

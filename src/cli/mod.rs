@@ -7,6 +7,9 @@ mod convert;
 mod hub;
 mod serve;
 mod synth;
+mod telemetry;
+
+pub use telemetry::{init_tracing, LogFormat, Telemetry};
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -22,6 +25,10 @@ pub struct Cli {
     /// Log lines as text, or as one JSON object each (for log collectors).
     #[arg(long, env = "PREFIXD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
+    /// Send OpenTelemetry traces over OTLP/HTTP to this collector (e.g. http://127.0.0.1:4318):
+    /// a span per request, with tokenize, queue and forward spans inside.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -97,35 +104,6 @@ impl ModelArgs {
             base_model_id: self.base_model_id.clone(),
         })
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-pub fn init_tracing(verbose: u8, format: LogFormat) {
-    let default = match verbose {
-        0 => "warn,prefixd=info",
-        1 => "info,prefixd=debug",
-        _ => "debug,prefixd=trace",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // A log line that cannot be written (stderr is a file on a full disk) is lost, not a
-        // panic: by default the subscriber reports its own write errors with `eprintln!`, which
-        // panics when stderr is unwritable and drops the request being served.
-        .log_internal_errors(false);
-    let _ = match format {
-        LogFormat::Text => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
-    };
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {

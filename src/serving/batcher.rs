@@ -75,6 +75,10 @@ pub struct Job {
     pub tokens: Encoded,
     pub enqueued: Instant,
     pub reply: oneshot::Sender<Result<Prediction, JobError>>,
+    /// The request's span: the parent of the `forward` span of the batch this row runs in.
+    pub span: tracing::Span,
+    /// Open while the row waits; closed when its batch starts (the `queue` span in traces).
+    pub queue: tracing::Span,
 }
 
 impl Job {
@@ -266,12 +270,22 @@ impl Batcher {
         }
     }
 
-    fn run<B: Backend>(&self, backend: &B, batch: Vec<Job>) {
+    fn run<B: Backend>(&self, backend: &B, mut batch: Vec<Job>) {
         let m = &self.shared.metrics;
         let start = Instant::now();
-        for job in &batch {
+        for job in &mut batch {
             m.queue_duration
                 .observe(start.duration_since(job.enqueued).as_secs_f64());
+            job.queue = tracing::Span::none();
+        }
+        // One `forward` span under each request in the batch (spans are off, and free, unless a
+        // trace exporter listens).
+        let mut forward = Vec::new();
+        for job in &batch {
+            if job.span.id().is_some() && !forward.iter().any(|(id, _)| *id == job.span.id()) {
+                let span = tracing::debug_span!(parent: &job.span, "forward", batch_rows = batch.len());
+                forward.push((job.span.id(), span));
+            }
         }
         let rows: Vec<Row<'_>> = batch
             .iter()
@@ -301,6 +315,7 @@ impl Batcher {
             }
         };
         drop(rows);
+        drop(forward);
         let elapsed = start.elapsed().as_secs_f64();
         m.inference_duration.observe(elapsed);
         m.batch_size.observe(batch.len() as f64);
@@ -450,6 +465,8 @@ mod tests {
                 },
                 enqueued: Instant::now(),
                 reply: oneshot::channel().0,
+                span: tracing::Span::none(),
+                queue: tracing::Span::none(),
             })
             .collect()
     }
@@ -536,6 +553,8 @@ mod tests {
             },
             enqueued: Instant::now(),
             reply: tx,
+            span: tracing::Span::none(),
+            queue: tracing::Span::none(),
         };
         (job, rx)
     }

@@ -106,7 +106,9 @@ impl Infer {
         self.check(&inputs)?;
         let text = self.shared.text.clone();
         let for_task = task.clone();
+        let tokenize = tracing::debug_span!("tokenize", rows = inputs.len());
         let encoded = tokio::task::spawn_blocking(move || {
+            let _in = tokenize.enter();
             inputs
                 .iter()
                 .map(|i| text.encode_for(i, &for_task))
@@ -117,6 +119,8 @@ impl Infer {
         .map_err(|e| InferError::Input(e.to_string()))?;
 
         let now = Instant::now();
+        let span = tracing::Span::current();
+        let queue = tracing::debug_span!("queue", rows = encoded.len(), task = %task.name());
         let (jobs, replies): (Vec<Job>, Vec<_>) = encoded
             .into_iter()
             .map(|tokens| {
@@ -126,10 +130,13 @@ impl Infer {
                     tokens,
                     enqueued: now,
                     reply: tx,
+                    span: span.clone(),
+                    queue: queue.clone(),
                 };
                 (job, rx)
             })
             .unzip();
+        drop(queue); // the jobs hold it open until each one's batch starts
         self.shared.batcher.submit(jobs)?;
         let mut predictions = Vec::with_capacity(replies.len());
         for rx in replies {
