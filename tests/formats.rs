@@ -128,6 +128,7 @@ fn labels_and_problem_type_given_at_import_are_kept() {
             task: Some("news".into()),
             labels: Some(labels.clone()),
             problem_type: Some(ProblemType::MultiLabel),
+            ..Default::default()
         },
     );
     assert_eq!(file.meta.task, "news");
