@@ -8,13 +8,14 @@ COPY . .
 RUN scripts/fetch-model && cargo build --release --locked
 
 FROM debian:bookworm-slim
-RUN useradd --system --home /srv/prefixd prefixd
+# A numeric user, so that Kubernetes' runAsNonRoot can verify it (deploy/k8s).
+RUN useradd --system --uid 10001 --home /srv/prefixd prefixd
 WORKDIR /srv/prefixd
 COPY --from=build /src/target/release/prefixd /usr/local/bin/prefixd
 COPY --from=build /src/models ./models
 COPY --from=build /src/prefixes ./prefixes
 RUN chown -R prefixd ./prefixes
-USER prefixd
+USER 10001
 ENV PREFIXD_ADDR=0.0.0.0:8080
 EXPOSE 8080
 STOPSIGNAL SIGTERM
