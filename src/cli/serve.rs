@@ -77,6 +77,10 @@ pub struct ServeArgs {
     /// 0 turns them off).
     #[arg(long, env = "PREFIXD_RESCAN_INTERVAL", default_value_t = 30.0)]
     pub rescan_interval: f64,
+    /// Tasks that get their own series in /metrics (the first ones asked for); requests for the
+    /// others are counted under task="other", so /metrics stays small at any task count.
+    #[arg(long, env = "PREFIXD_METRICS_MAX_TASKS", default_value_t = crate::serving::DEFAULT_MAX_TASK_LABELS)]
+    pub metrics_max_tasks: usize,
 }
 
 /// Seconds from a flag, refusing negative and non-finite values.
@@ -130,5 +134,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         shutdown_timeout: seconds("shutdown-timeout", args.shutdown_timeout)?,
         watch: !args.no_watch,
         rescan_interval: Some(seconds("rescan-interval", args.rescan_interval)?).filter(|d| !d.is_zero()),
+        metrics_max_tasks: args.metrics_max_tasks,
     })
 }

@@ -56,6 +56,11 @@ impl Task {
     /// Validates a prefix file against the model. `bytes` are the file's serialized form (its
     /// hash is the task version).
     pub fn from_file(file: &PrefixFile, model: &ModelInfo, bytes: &[u8]) -> Result<Self> {
+        Self::with_version(file, model, Self::version_of(bytes), bytes.len())
+    }
+
+    /// [`Task::from_file`] when the caller already hashed the bytes (`version_of`).
+    pub fn with_version(file: &PrefixFile, model: &ModelInfo, version: String, size_bytes: usize) -> Result<Self> {
         check_against_model(file, model)?;
         let meta = file.meta.clone();
         let base = &meta.base_model;
@@ -75,8 +80,8 @@ impl Task {
             meta,
             prefix,
             head,
-            version: Self::version_of(bytes),
-            size_bytes: bytes.len(),
+            version,
+            size_bytes,
         })
     }
 

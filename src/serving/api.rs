@@ -138,7 +138,28 @@ impl TaskInfo {
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct TaskList {
+    /// One page, sorted by name.
     pub tasks: Vec<TaskInfo>,
+    /// Tasks matching the query (on every page).
+    pub total: usize,
+    /// Pass as `after` for the next page; absent on the last one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_after: Option<String>,
+}
+
+/// The most tasks on one page of `GET /v1/tasks`, and the default page size.
+pub const MAX_PAGE: usize = 1000;
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct TaskQuery {
+    /// Only tasks whose name starts with this.
+    pub prefix: Option<String>,
+    /// Only tasks whose name sorts after this (the previous page's `next_after`).
+    pub after: Option<String>,
+    /// Page size, 1–1000 (default 1000).
+    pub limit: Option<usize>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -272,9 +293,10 @@ impl Books {
             Err(e) => e.status,
         };
         let m = &state.metrics;
-        m.requests.with_label_values(&[self.task.as_str(), status.as_str()]).inc();
+        let label = m.task_label(&self.task);
+        m.requests.with_label_values(&[label, status.as_str()]).inc();
         m.request_duration
-            .with_label_values(&[self.task.as_str()])
+            .with_label_values(&[label])
             .observe(self.start.elapsed().as_secs_f64());
         if let Err(e) = &result {
             tracing::debug!(task = %self.task, status = %status, error = %e.message, "classify refused");
@@ -315,18 +337,31 @@ async fn classify_inner(
 #[utoipa::path(
     get,
     path = "/v1/tasks",
+    params(TaskQuery),
     responses(
         (status = 200, body = TaskList),
+        (status = 422, description = "A bad query (limit out of range, unknown parameter)", body = ErrorBody),
         (status = 401, description = "No API key (only when the server has --api-key)", body = ErrorBody),
         (status = 403, description = "Wrong API key", body = ErrorBody),
     ),
     security((), ("api_key" = [])),
     tag = "tasks"
 )]
-pub async fn list_tasks(State(state): State<Arc<AppState>>) -> Json<TaskList> {
-    Json(TaskList {
-        tasks: state.infer.registry().list().iter().map(|l| TaskInfo::new(l, state.infer.text())).collect(),
-    })
+pub async fn list_tasks(
+    State(state): State<Arc<AppState>>,
+    query: Result<axum::extract::Query<TaskQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<TaskList>, ApiError> {
+    let axum::extract::Query(q) = query.map_err(|e| ApiError::invalid_input(e.body_text()))?;
+    let limit = q.limit.unwrap_or(MAX_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::invalid_input(format!("limit {limit}: expected 1 to {MAX_PAGE}")));
+    }
+    let page = state.infer.registry().page(q.prefix.as_deref().unwrap_or(""), q.after.as_deref(), limit);
+    Ok(Json(TaskList {
+        tasks: page.tasks.iter().map(|l| TaskInfo::new(l, state.infer.text())).collect(),
+        total: page.total,
+        next_after: page.next_after,
+    }))
 }
 
 /// Describe one task.

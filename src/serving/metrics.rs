@@ -9,8 +9,15 @@ use prometheus::{
 
 use crate::serving::registry::{LoadOrigin, RegistryObserver};
 
+/// Tasks that get their own `task` label; every other task is counted as `task="other"`. Keeps
+/// `/metrics` bounded (~19 lines a task) at any task count, totals unchanged.
+pub const DEFAULT_MAX_TASK_LABELS: usize = 100;
+
 pub struct Metrics {
     registry: Registry,
+    /// The tasks labelled so far, in order of first request, at most `max_task_labels`.
+    task_labels: std::sync::Mutex<std::collections::HashSet<String>>,
+    max_task_labels: usize,
     /// `process_*` (CPU, memory, file descriptors, start time) under their conventional names,
     /// without the `prefixd_` namespace the main registry adds.
     process: Registry,
@@ -31,6 +38,11 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> prometheus::Result<Self> {
+        Self::with_task_labels(DEFAULT_MAX_TASK_LABELS)
+    }
+
+    /// `max_task_labels`: how many tasks get their own series (the first to be asked for).
+    pub fn with_task_labels(max_task_labels: usize) -> prometheus::Result<Self> {
         let registry = Registry::new_custom(Some("prefixd".into()), None)?;
         let seconds = exponential_buckets(0.0005, 2.0, 16)?; // 0.5 ms … 16 s
         let m = Self {
@@ -94,6 +106,8 @@ impl Metrics {
                 &["version", "cuda", "device", "dtype", "cpu_isa", "model", "model_fingerprint"],
             )?,
             process: Registry::new(),
+            task_labels: Default::default(),
+            max_task_labels,
             registry,
         };
         #[cfg(target_os = "linux")]
@@ -128,6 +142,19 @@ impl Metrics {
 }
 
 impl Metrics {
+    /// The `task` label for a registered task: its name while there is room, else `other`.
+    pub fn task_label<'a>(&self, task: &'a str) -> &'a str {
+        let mut labels = self.task_labels.lock().unwrap_or_else(|e| e.into_inner());
+        if labels.contains(task) {
+            return task;
+        }
+        if labels.len() < self.max_task_labels && task != "other" {
+            labels.insert(task.to_string());
+            return task;
+        }
+        "other"
+    }
+
     /// Sets `prefixd_build_info` from what the server runs.
     pub fn build_info(&self, info: &crate::serving::ServerInfo) {
         let m = &info.model;

@@ -30,7 +30,7 @@ pub use batcher::{Backend, Batcher, BatcherConfig, Job, JobError, ModelHealth, S
 pub use body::BodyLimits;
 pub use error::ErrorBody;
 pub use infer::{Classified, Infer, InferError, InputLimits};
-pub use metrics::Metrics;
+pub use metrics::{Metrics, DEFAULT_MAX_TASK_LABELS};
 pub use observe::ServerInfo;
 pub use openapi::ApiDoc;
 pub use server::ConnConfig;
@@ -105,6 +105,8 @@ pub struct ServeConfig {
     pub watch: bool,
     /// Also re-read the whole prefixes directory this often (a safety net under the watcher).
     pub rescan_interval: Option<Duration>,
+    /// Tasks with their own series in `/metrics`; the rest are counted as `task="other"`.
+    pub metrics_max_tasks: usize,
 }
 
 /// Everything a handler needs, shared behind one `Arc`.
@@ -292,7 +294,7 @@ pub fn serve(config: ServeConfig) -> anyhow::Result<()> {
 }
 
 async fn serve_async(config: ServeConfig) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::new()?);
+    let metrics = Arc::new(Metrics::with_task_labels(config.metrics_max_tasks)?);
     let engine_config = config.engine.clone();
     let engine = tokio::task::spawn_blocking(move || -> anyhow::Result<Engine> {
         let engine = Engine::load(&engine_config)?;

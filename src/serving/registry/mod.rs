@@ -75,6 +75,13 @@ pub trait RegistryObserver: Send + Sync {
     fn tasks_loaded(&self, count: usize);
 }
 
+/// One page of [`Registry::page`].
+pub struct Page {
+    pub tasks: Vec<Loaded>,
+    pub total: usize,
+    pub next_after: Option<String>,
+}
+
 /// A registered task and when this version was loaded.
 #[derive(Clone)]
 pub struct Loaded {
@@ -145,6 +152,24 @@ impl Registry {
         let mut all: Vec<Loaded> = self.read().values().cloned().collect();
         all.sort_by(|a, b| a.task.name().cmp(b.task.name()));
         all
+    }
+
+    /// Tasks whose name starts with `prefix` and sorts after `after`, sorted, at most `limit`;
+    /// with the number matching `prefix` and where the next page starts.
+    pub fn page(&self, prefix: &str, after: Option<&str>, limit: usize) -> Page {
+        let map = self.read();
+        let mut names: Vec<&String> = map.keys().filter(|n| n.starts_with(prefix)).collect();
+        let total = names.len();
+        names.retain(|n| after.is_none_or(|a| n.as_str() > a));
+        names.sort_unstable();
+        let more = names.len() > limit;
+        names.truncate(limit);
+        let tasks: Vec<Loaded> = names.iter().map(|n| map[*n].clone()).collect();
+        Page {
+            next_after: more.then(|| tasks.last().map(|l| l.task.name().to_string())).flatten(),
+            tasks,
+            total,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -247,9 +272,11 @@ impl Registry {
         if self.info(&name).is_some_and(|l| l.task.version == version) {
             return; // our own upload, or an unchanged file
         }
+        let size = bytes.len();
         let loaded = PrefixFile::from_bytes(&bytes).and_then(|mut file| {
+            drop(bytes); // the parsed copy is all that is needed now
             file.meta.task = name.clone();
-            Task::from_file(&file, self.model(), &bytes)
+            Task::with_version(&file, self.model(), version, size)
         });
         match loaded {
             Ok(task) => {
@@ -259,7 +286,12 @@ impl Registry {
                 if disk::stamp(path).as_ref() != Some(&stamp) {
                     return;
                 }
-                tracing::info!(task = %name, version = %task.version, origin = origin.as_str(), "task loaded");
+                if origin == LoadOrigin::Startup {
+                    // Thousands at start: one summary line instead (see `rescan`).
+                    tracing::debug!(task = %name, version = %task.version, "task loaded");
+                } else {
+                    tracing::info!(task = %name, version = %task.version, origin = origin.as_str(), "task loaded");
+                }
                 self.insert(&name, Arc::new(task));
                 self.observe_load(origin, true);
             }
@@ -285,8 +317,21 @@ impl Registry {
         paths.extend(self.read().keys().map(|name| self.path_of(name)));
         paths.sort();
         paths.dedup();
-        for path in paths {
-            self.reconcile(&path, origin);
+        // Files are independent: read and validate them on every core (the map's lock is only
+        // taken for each swap). 10,000 tasks load in a fraction of the serial time.
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(paths.len().max(1));
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(path) = paths.get(i) else { break };
+                    self.reconcile(path, origin);
+                });
+            }
+        });
+        if origin == LoadOrigin::Startup {
+            tracing::info!(tasks = self.len(), files = paths.len(), "prefixes directory loaded");
         }
     }
 
