@@ -193,6 +193,28 @@ fn documented_statuses_and_shapes_match_the_server() {
         ("/health", "get", server.get("/health")),
         ("/ready", "get", server.get("/ready")),
         ("/metrics", "get", server.get("/metrics")),
+        ("/info", "get", server.get("/info")),
+        ("/v1/tasks", "get", server.get("/v1/tasks?limit=0")),
+        ("/v1/tasks/{task}/predict", "post", server.post_json("/v1/tasks/proj-p10/predict", &json!({"inputs": ["a", "b"]}))),
+        ("/v1/tasks/{task}/predict", "post", server.post_json("/v1/tasks/nope/predict", &json!({"inputs": "a"}))),
+        ("/v1/tasks/{task}/predict", "post", server.post_json("/v1/tasks/proj-p10/predict", &json!({"inputs": "a", "parameters": {"top_k": 0}}))),
+        ("/v2", "get", server.get("/v2")),
+        ("/v2/models", "get", server.get("/v2/models")),
+        ("/v2/models/{task}", "get", server.get("/v2/models/proj-p10")),
+        ("/v2/models/{task}", "get", server.get("/v2/models/nope")),
+        ("/v2/models/{task}/ready", "get", server.get("/v2/models/proj-p10/ready")),
+        ("/v2/models/{task}/ready", "get", server.get("/v2/models/nope/ready")),
+        (
+            "/v2/models/{task}/infer",
+            "post",
+            server.post_json("/v2/models/proj-p10/infer", &json!({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}]})),
+        ),
+        ("/v2/models/{task}/infer", "post", server.post_json("/v2/models/proj-p10/infer", &json!({"inputs": []}))),
+        (
+            "/v2/models/{task}/infer",
+            "post",
+            server.post_json("/v2/models/nope/infer", &json!({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}]})),
+        ),
     ];
     let mut statuses = std::collections::BTreeSet::new();
     for (path, method, reply) in &observed {

@@ -19,14 +19,15 @@ use std::sync::Arc;
 
 use super::admin::TaskName;
 use super::api::Books;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::AppState;
 use crate::engine::TextInput;
 
 const BINARY_HEADER: &str = "inference-header-content-length";
 const OUTPUTS: [&str; 3] = ["logits", "probabilities", "label"];
 
-/// `GET /v2`.
+/// KServe v2 server metadata.
+#[utoipa::path(get, path = "/v2", responses((status = 200, body = Object)), tag = "kserve")]
 pub async fn server_metadata() -> Json<Value> {
     Json(json!({
         "name": "prefixd",
@@ -35,7 +36,14 @@ pub async fn server_metadata() -> Json<Value> {
     }))
 }
 
-/// `GET /v2/models`: every task, as a model with one version (its content hash).
+/// KServe v2: every task, as a model with one version (its content hash).
+#[utoipa::path(
+    get,
+    path = "/v2/models",
+    responses((status = 200, body = Object), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security((), ("api_key" = [])),
+    tag = "kserve"
+)]
 pub async fn list_models(State(state): State<Arc<AppState>>) -> Json<Value> {
     let models: Vec<Value> = state
         .infer
@@ -47,7 +55,17 @@ pub async fn list_models(State(state): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({ "models": models }))
 }
 
-/// `GET /v2/models/{task}`.
+/// KServe v2 model metadata: inputs `text` (and `text_pair`), outputs `logits`,
+/// `probabilities`, `label`.
+#[utoipa::path(
+    get,
+    path = "/v2/models/{task}",
+    params(("task" = String, Path, description = "Task name")),
+    responses((status = 200, body = Object), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security((), ("api_key" = [])),
+    tag = "kserve"
+)]
 pub async fn model_metadata(
     State(state): State<Arc<AppState>>,
     TaskName(name): TaskName,
@@ -71,7 +89,16 @@ pub async fn model_metadata(
     })))
 }
 
-/// `GET /v2/models/{task}/ready`: 200 while the task is loaded and the server takes requests.
+/// KServe v2 model readiness: 200 while the task is loaded and the server takes requests.
+#[utoipa::path(
+    get,
+    path = "/v2/models/{task}/ready",
+    params(("task" = String, Path, description = "Task name")),
+    responses((status = 200, body = Object), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)),
+    security((), ("api_key" = [])),
+    tag = "kserve"
+)]
 pub async fn model_ready(
     State(state): State<Arc<AppState>>,
     TaskName(name): TaskName,
@@ -120,7 +147,29 @@ fn bad(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
 }
 
-/// `POST /v2/models/{task}/infer`.
+/// KServe v2 inference: BYTES input `text` (and `text_pair`) as JSON `data` or binary tensor
+/// data (`Inference-Header-Content-Length`) → FP32 `logits`, `probabilities`, BYTES `label`.
+#[utoipa::path(
+    post,
+    path = "/v2/models/{task}/infer",
+    params(("task" = String, Path, description = "Task name")),
+    request_body(content = Object, description = "An Open Inference Protocol v2 request"),
+    responses(
+        (status = 200, body = Object),
+        (status = 400, description = "Malformed binary data or body", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 404, description = "Unknown task", body = ErrorBody),
+        (status = 408, body = ErrorBody),
+        (status = 413, body = ErrorBody),
+        (status = 422, description = "Not a valid request for this model", body = ErrorBody),
+        (status = 429, body = ErrorBody),
+        (status = 500, body = ErrorBody),
+        (status = 503, body = ErrorBody),
+    ),
+    security((), ("api_key" = [])),
+    tag = "kserve"
+)]
 pub async fn infer(
     State(state): State<Arc<AppState>>,
     TaskName(task): TaskName,

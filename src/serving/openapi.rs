@@ -3,7 +3,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{admin, api, error, hf, observe};
+use super::{admin, api, error, hf, kserve, observe};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -19,6 +19,11 @@ use super::{admin, api, error, hf, observe};
         api::metrics,
         observe::info,
         hf::predict,
+        kserve::server_metadata,
+        kserve::list_models,
+        kserve::model_metadata,
+        kserve::model_ready,
+        kserve::infer,
     ),
     components(schemas(
         api::ClassifyRequest,
