@@ -61,9 +61,7 @@ pub fn import(args: ImportArgs) -> anyhow::Result<()> {
     }
     // Only the model's shape and fingerprint are needed, but loading it also proves it is usable.
     let mut model = PrefixedBert::load(&args.model.model_dir()?, &candle_core::Device::Cpu)?;
-    if let Some(id) = args.model.base_model_id.clone().filter(|id| !id.trim().is_empty()) {
-        model.set_hub_id(id.trim().to_string());
-    }
+    model.set_hub_id(args.model.base_model_id.as_deref());
     let opts = ImportOptions {
         task: args.task,
         labels: args.labels,
@@ -86,7 +84,9 @@ pub fn import(args: ImportArgs) -> anyhow::Result<()> {
 
 pub fn export(args: ExportArgs) -> anyhow::Result<()> {
     let file = PrefixFile::read(&args.file).with_context(|| format!("{}", args.file.display()))?;
-    let opts = peft::ExportOptions { base_model_id: args.base_model_id };
+    let opts = peft::ExportOptions {
+        base_model_id: args.base_model_id,
+    };
     let done = peft::export_dir_with(&file, &args.output, &opts)?;
     warn_if_base_unknown(&done);
     eprintln!("wrote PEFT adapter {}", args.output.display());

@@ -77,13 +77,9 @@ pub struct Engine {
 impl Engine {
     pub fn load(config: &EngineConfig) -> Result<Self> {
         let device = config.device.open()?;
-        let mut model = PrefixedBert::load_as(&config.model_dir, &device, config.precision.dtype())?;
-        if let Some(id) = config.base_model_id.clone().filter(|id| !id.trim().is_empty()) {
-            if let Some(known) = model.info().hub_id.as_deref().filter(|k| *k != id) {
-                tracing::warn!(given = %id, known, "--base-model-id differs from the id known for these weights; using the given one");
-            }
-            model.set_hub_id(id.trim().to_string());
-        }
+        let mut model =
+            PrefixedBert::load_as(&config.model_dir, &device, config.precision.dtype())?;
+        model.set_hub_id(config.base_model_id.as_deref());
         let text = TextEncoder::from_file(
             &config.model_dir.join("tokenizer.json"),
             config.max_length,

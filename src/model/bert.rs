@@ -18,9 +18,9 @@ use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 use super::batch::{gather_check, gather_prefixes, Dims, EncoderRow, HostBatch, TokenBatch};
-use super::{cpu, cpu_train};
 use super::train_ops::{self, Dropout};
 use super::weights::{self, Weights};
+use super::{cpu, cpu_train};
 use super::{Activation, BertConfig, ModelError, ModelInfo, Result};
 
 /// Inference, or training with dropout. In training, every op on the path from the prefix to the
@@ -387,9 +387,16 @@ impl PrefixedBert {
     }
 
     /// Names the hub id these weights are published under (`--base-model-id`), overriding the
-    /// fingerprint lookup; it is written into the prefixes made on this model.
-    pub fn set_hub_id(&mut self, id: String) {
-        self.info.hub_id = Some(id);
+    /// fingerprint lookup; it is written into the prefixes made on this model. `None` or a blank
+    /// id changes nothing.
+    pub fn set_hub_id(&mut self, id: Option<&str>) {
+        let Some(id) = id.map(str::trim).filter(|id| !id.is_empty()) else {
+            return;
+        };
+        if let Some(known) = self.info.hub_id.as_deref().filter(|k| *k != id) {
+            tracing::warn!(given = %id, known, "--base-model-id differs from the id known for these weights; using the given one");
+        }
+        self.info.hub_id = Some(id.to_string());
     }
 
     pub fn device(&self) -> &Device {
@@ -440,13 +447,7 @@ impl PrefixedBert {
     pub fn pooled(&self, rows: &[EncoderRow<'_>]) -> Result<Vec<Vec<f32>>> {
         match &self.host {
             Some(host) => {
-                let dims = self.dims();
-                gather_check(rows, &dims)?;
-                let tokens: Vec<(&[u32], &[u32], usize)> = rows
-                    .iter()
-                    .map(|r| (r.input_ids, r.type_ids, r.prefix.num_virtual_tokens()))
-                    .collect();
-                let batch = HostBatch::build(&tokens, &dims)?;
+                let batch = self.host_batch(rows)?;
                 let prefixes: Vec<&super::PrefixKv> = rows.iter().map(|r| r.prefix).collect();
                 let hd = self.config.hidden_size;
                 Ok(host
@@ -467,14 +468,19 @@ impl PrefixedBert {
     /// The fused device path on whatever device the model is on (on the CPU its fused ops are
     /// composed of candle ops: that is how it is tested without a GPU).
     pub fn pooled_fused(&self, rows: &[EncoderRow<'_>]) -> Result<Vec<Vec<f32>>> {
+        let batch = self.host_batch(rows)?;
+        super::fused::pooled(self, rows, &batch)
+    }
+
+    /// The rows, checked against the model, as one padded host batch.
+    fn host_batch(&self, rows: &[EncoderRow<'_>]) -> Result<HostBatch> {
         let dims = self.dims();
         gather_check(rows, &dims)?;
         let tokens: Vec<(&[u32], &[u32], usize)> = rows
             .iter()
             .map(|r| (r.input_ids, r.type_ids, r.prefix.num_virtual_tokens()))
             .collect();
-        let batch = HostBatch::build(&tokens, &dims)?;
-        super::fused::pooled(self, rows, &batch)
+        HostBatch::build(&tokens, &dims)
     }
 
     /// The same computation through candle's tensor ops, on any device. On the CPU it is the
