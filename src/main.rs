@@ -36,7 +36,8 @@ fn main() -> std::process::ExitCode {
     ) {
         keep_freed_memory();
     }
-    let _telemetry = prefixd::cli::init_tracing(cli.verbose, cli.log_format, cli.otlp_endpoint.as_deref());
+    let _telemetry =
+        prefixd::cli::init_tracing(cli.verbose, cli.log_format, cli.otlp_endpoint.as_deref());
     match prefixd::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -205,20 +205,38 @@ fn classify_runs_mixed_task_batches_in_input_order() {
             }
         }
     }
-    let mut args = vec!["classify".to_string(), "--model".into(), model.display().to_string()];
-    args.extend(["--max-length".into(), "128".into(), "--batch-size".into(), "7".into()]);
+    let mut args = vec![
+        "classify".to_string(),
+        "--model".into(),
+        model.display().to_string(),
+    ];
+    args.extend([
+        "--max-length".into(),
+        "128".into(),
+        "--batch-size".into(),
+        "7".into(),
+    ]);
     for c in common::CASES {
-        args.extend(["--prefix".into(), fixtures_dir().join(c).display().to_string()]);
+        args.extend([
+            "--prefix".into(),
+            fixtures_dir().join(c).display().to_string(),
+        ]);
     }
     args.extend(["--input".into(), input.display().to_string()]);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = ok(prefixd(&refs));
-    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), want.len());
     for ((task, logits), v) in want.iter().zip(&lines) {
         assert_eq!(v["task"], task.as_str());
         let got: Vec<f32> = serde_json::from_value(v["logits"].clone()).unwrap();
-        assert!(max_abs_diff(&got, logits) <= 1e-4, "{task}: {got:?} vs {logits:?}");
+        assert!(
+            max_abs_diff(&got, logits) <= 1e-4,
+            "{task}: {got:?} vs {logits:?}"
+        );
     }
 
     // A line without a task, or naming one not given, is refused with its line number.

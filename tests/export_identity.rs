@@ -34,14 +34,31 @@ fn the_default_model_is_known_by_its_weights() {
     let out = tempfile::tempdir().unwrap();
     let done = peft::export_dir(&file, out.path()).unwrap();
     assert_eq!(done.base_model_id.as_deref(), Some(MINILM));
-    assert_eq!(json(&out.path().join("adapter_config.json"))["base_model_name_or_path"], MINILM);
+    assert_eq!(
+        json(&out.path().join("adapter_config.json"))["base_model_name_or_path"],
+        MINILM
+    );
     let sidecar = json(&out.path().join("prefixd.json"));
-    assert_eq!(sidecar["id2label"], serde_json::json!({"0": "negative", "1": "positive"}));
-    assert_eq!(sidecar["label2id"], serde_json::json!({"negative": 0, "positive": 1}));
+    assert_eq!(
+        sidecar["id2label"],
+        serde_json::json!({"0": "negative", "1": "positive"})
+    );
+    assert_eq!(
+        sidecar["label2id"],
+        serde_json::json!({"negative": 0, "positive": 1})
+    );
     assert_eq!(sidecar["max_length"], file.meta.max_length.unwrap());
     let card = card(out.path());
-    assert!(card.starts_with(&format!("---\nbase_model: \"{MINILM}\"\nlibrary_name: peft\n")), "{card}");
-    assert!(card.contains(r#"id2label = {0: "negative", 1: "positive"}"#), "{card}");
+    assert!(
+        card.starts_with(&format!(
+            "---\nbase_model: \"{MINILM}\"\nlibrary_name: peft\n"
+        )),
+        "{card}"
+    );
+    assert!(
+        card.contains(r#"id2label = {0: "negative", 1: "positive"}"#),
+        "{card}"
+    );
     assert!(card.contains("num_labels=2"), "{card}");
 }
 
@@ -57,14 +74,21 @@ fn an_adapter_claiming_other_weights_is_exported_with_the_weights_it_ran_on() {
     cfg["base_model_name_or_path"] = "nreimers/MiniLM-L6-H384-uncased".into();
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
 
-    let file = peft::import_dir(adapter.path(), &Default::default(), engine().model_info()).unwrap();
+    let file =
+        peft::import_dir(adapter.path(), &Default::default(), engine().model_info()).unwrap();
     assert_eq!(file.meta.base_model.hub_id.as_deref(), Some(MINILM));
     // The adapter's claim is kept as provenance …
-    assert_eq!(file.meta.source.details["base_model_name_or_path"], "nreimers/MiniLM-L6-H384-uncased");
+    assert_eq!(
+        file.meta.source.details["base_model_name_or_path"],
+        "nreimers/MiniLM-L6-H384-uncased"
+    );
     // … but the export names the weights the prefix was loaded and checked on.
     let out = tempfile::tempdir().unwrap();
     let _ = peft::export_dir(&file, out.path()).unwrap();
-    assert_eq!(json(&out.path().join("adapter_config.json"))["base_model_name_or_path"], MINILM);
+    assert_eq!(
+        json(&out.path().join("adapter_config.json"))["base_model_name_or_path"],
+        MINILM
+    );
 }
 
 #[test]
@@ -73,16 +97,24 @@ fn unknown_weights_are_said_to_be_unknown_and_can_be_named() {
     let out = tempfile::tempdir().unwrap();
     let done = peft::export_dir(&file, out.path()).unwrap();
     assert_eq!(done.base_model_id, None);
-    assert_eq!(json(&out.path().join("adapter_config.json"))["base_model_name_or_path"], Value::Null);
+    assert_eq!(
+        json(&out.path().join("adapter_config.json"))["base_model_name_or_path"],
+        Value::Null
+    );
     let text = card(out.path());
     assert!(!text.contains("base_model:"), "{text}");
     assert!(text.contains("hub id is unknown"), "{text}");
     assert!(text.contains("num_labels=3"), "{text}");
 
-    let named = ExportOptions { base_model_id: Some("acme/tiny-bert".into()) };
+    let named = ExportOptions {
+        base_model_id: Some("acme/tiny-bert".into()),
+    };
     let done = peft::export_dir_with(&file, out.path(), &named).unwrap();
     assert_eq!(done.base_model_id.as_deref(), Some("acme/tiny-bert"));
-    assert_eq!(json(&out.path().join("adapter_config.json"))["base_model_name_or_path"], "acme/tiny-bert");
+    assert_eq!(
+        json(&out.path().join("adapter_config.json"))["base_model_name_or_path"],
+        "acme/tiny-bert"
+    );
     assert!(card(out.path()).contains("base_model: \"acme/tiny-bert\""));
 }
 
@@ -93,14 +125,23 @@ fn base_model_id_is_recorded_in_prefixes_made_on_the_model() {
         ..EngineConfig::new(tiny::model_dir())
     })
     .unwrap();
-    assert_eq!(engine.model_info().hub_id.as_deref(), Some("acme/tiny-bert"));
+    assert_eq!(
+        engine.model_info().hub_id.as_deref(),
+        Some("acme/tiny-bert")
+    );
     // Export a tiny prefix with no id, import it onto the named model: the file records the id.
     let adapter = tempfile::tempdir().unwrap();
     let _ = peft::export_dir(&tiny::prefix("gamma", 3, 2, 1), adapter.path()).unwrap();
     let file = peft::import_dir(adapter.path(), &Default::default(), engine.model_info()).unwrap();
-    assert_eq!(file.meta.base_model.hub_id.as_deref(), Some("acme/tiny-bert"));
+    assert_eq!(
+        file.meta.base_model.hub_id.as_deref(),
+        Some("acme/tiny-bert")
+    );
     let reread = PrefixFile::from_bytes(&file.to_bytes().unwrap()).unwrap();
-    assert_eq!(reread.meta.base_model.hub_id.as_deref(), Some("acme/tiny-bert"));
+    assert_eq!(
+        reread.meta.base_model.hub_id.as_deref(),
+        Some("acme/tiny-bert")
+    );
     let out = tempfile::tempdir().unwrap();
     let done = peft::export_dir(&reread, out.path()).unwrap();
     assert_eq!(done.base_model_id.as_deref(), Some("acme/tiny-bert"));

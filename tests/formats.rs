@@ -4,9 +4,9 @@
 mod common;
 
 use common::{cases, engine, fixtures_dir, CASES};
+use prefixd::engine::Task;
 use prefixd::engine::TextInput;
 use prefixd::prefix::peft::{self, ImportOptions};
-use prefixd::engine::Task;
 use prefixd::prefix::{HostTensor, PrefixFile, ProblemType};
 
 fn import(case: &str, opts: &ImportOptions) -> PrefixFile {

@@ -126,10 +126,12 @@ fn router() -> &'static axum::Router {
         })
         .unwrap();
         let metrics = Arc::new(Metrics::new().unwrap());
-        let registry = Registry::open(dir.path(), engine.model_info().clone(), 1 << 20, None).unwrap();
+        let registry =
+            Registry::open(dir.path(), engine.model_info().clone(), 1 << 20, None).unwrap();
         let text = engine.text_encoder().clone();
         let limits = RequestLimits::default();
-        let (batcher, _thread) = Batcher::start(engine, BatcherConfig::default(), metrics.clone()).unwrap();
+        let (batcher, _thread) =
+            Batcher::start(engine, BatcherConfig::default(), metrics.clone()).unwrap();
         let infer = Infer::new(registry, text, batcher, limits.inputs.clone());
         let state = Arc::new(AppState::new(infer, metrics, Some("t".into()), limits));
         (prefixd::serving::router(state), dir)
@@ -139,7 +141,12 @@ fn router() -> &'static axum::Router {
 
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RT.get_or_init(|| tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap())
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    })
 }
 
 /// Any JSON value, a few levels deep.
@@ -148,7 +155,9 @@ fn json_value() -> impl Strategy<Value = Value> {
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
         any::<i64>().prop_map(|v| json!(v)),
-        any::<f64>().prop_filter("finite", |v| v.is_finite()).prop_map(|v| json!(v)),
+        any::<f64>()
+            .prop_filter("finite", |v| v.is_finite())
+            .prop_map(|v| json!(v)),
         "\\PC{0,40}".prop_map(Value::String),
         Just(json!("alpha")),
         Just(json!("text")),
@@ -157,8 +166,14 @@ fn json_value() -> impl Strategy<Value = Value> {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
             prop::collection::btree_map(
-                prop_oneof![Just("task".to_string()), Just("inputs".to_string()), Just("text".to_string()),
-                            Just("text_pair".to_string()), Just("raw_scores".to_string()), "[a-z]{1,6}"],
+                prop_oneof![
+                    Just("task".to_string()),
+                    Just("inputs".to_string()),
+                    Just("text".to_string()),
+                    Just("text_pair".to_string()),
+                    Just("raw_scores".to_string()),
+                    "[a-z]{1,6}"
+                ],
                 inner,
                 0..5,
             )
@@ -171,8 +186,15 @@ fn json_value() -> impl Strategy<Value = Value> {
 fn classify_body() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
         json_value().prop_map(|v| serde_json::to_vec(&v).unwrap()),
-        (prop_oneof![Just("alpha"), Just("beta"), Just("nope"), Just("")], json_value(), any::<bool>())
-            .prop_map(|(t, inputs, raw)| serde_json::to_vec(&json!({"task": t, "inputs": inputs, "raw_scores": raw})).unwrap()),
+        (
+            prop_oneof![Just("alpha"), Just("beta"), Just("nope"), Just("")],
+            json_value(),
+            any::<bool>()
+        )
+            .prop_map(|(t, inputs, raw)| serde_json::to_vec(
+                &json!({"task": t, "inputs": inputs, "raw_scores": raw})
+            )
+            .unwrap()),
         prop::collection::vec(any::<u8>(), 0..200),
     ]
 }

@@ -18,7 +18,9 @@ const UNREACHABLE: &str = "http://127.0.0.1:9";
 
 fn classify(model: &str, hf_home: &Path, endpoint: &str, prefix: &Path) -> Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_prefixd"))
-        .args(["classify", "--device", "cpu", "--model", model, "--text", "a b c", "--prefix"])
+        .args([
+            "classify", "--device", "cpu", "--model", model, "--text", "a b c", "--prefix",
+        ])
         .arg(prefix)
         .env("HF_HOME", hf_home)
         .env("HF_ENDPOINT", endpoint)
@@ -34,7 +36,9 @@ fn prefix_file(dir: &Path) -> PathBuf {
 
 /// The tiny model laid out as the Hugging Face cache keeps a snapshot.
 fn seed_cache(hf_home: &Path, id: &str, reference: &str) {
-    let repo = hf_home.join("hub").join(format!("models--{}", id.replace('/', "--")));
+    let repo = hf_home
+        .join("hub")
+        .join(format!("models--{}", id.replace('/', "--")));
     let snapshot = repo.join("snapshots").join(COMMIT);
     std::fs::create_dir_all(&snapshot).unwrap();
     for f in ["config.json", "tokenizer.json", "model.safetensors"] {
@@ -45,7 +49,11 @@ fn seed_cache(hf_home: &Path, id: &str, reference: &str) {
 }
 
 fn ok(out: &Output) -> serde_json::Value {
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(out.stdout.split(|&b| b == b'\n').next().unwrap()).unwrap()
 }
 
@@ -55,10 +63,19 @@ fn the_cache_is_read_without_a_network() {
     let prefix = prefix_file(tmp.path());
     seed_cache(tmp.path(), "acme/tiny-bert", "main");
     seed_cache(tmp.path(), "acme/tiny-bert", "v1");
-    let local = ok(&classify(tiny::model_dir().to_str().unwrap(), tmp.path(), UNREACHABLE, &prefix));
+    let local = ok(&classify(
+        tiny::model_dir().to_str().unwrap(),
+        tmp.path(),
+        UNREACHABLE,
+        &prefix,
+    ));
     for model in ["acme/tiny-bert", "acme/tiny-bert@v1"] {
         let out = classify(model, tmp.path(), UNREACHABLE, &prefix);
-        assert_eq!(ok(&out)["logits"], local["logits"], "{model}: the same model as the directory");
+        assert_eq!(
+            ok(&out)["logits"],
+            local["logits"],
+            "{model}: the same model as the directory"
+        );
     }
 }
 
@@ -69,7 +86,12 @@ fn an_unreachable_hub_is_a_clear_error() {
     let out = classify("acme/missing-bert", tmp.path(), UNREACHABLE, &prefix);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    for words in ["acme/missing-bert", "Hugging Face model id", "config.json", "127.0.0.1:9"] {
+    for words in [
+        "acme/missing-bert",
+        "Hugging Face model id",
+        "config.json",
+        "127.0.0.1:9",
+    ] {
         assert!(err.contains(words), "{words:?} missing from: {err}");
     }
     assert!(!err.contains("panicked"), "{err}");
@@ -94,7 +116,12 @@ async fn resolve(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("bytes="))
         .and_then(|v| v.split_once('-'))
-        .map(|(a, b)| (a.parse().unwrap_or(0), b.parse().map_or(size - 1, |e: usize| e.min(size - 1))))
+        .map(|(a, b)| {
+            (
+                a.parse().unwrap_or(0),
+                b.parse().map_or(size - 1, |e: usize| e.min(size - 1)),
+            )
+        })
         .unwrap_or((0, size - 1));
     let etag = format!("\"{:x}\"", bytes.len() * 7919 + file.len());
     (
@@ -113,30 +140,56 @@ async fn resolve(
 fn a_missing_model_is_downloaded_into_the_cache() {
     let log = Arc::new(Mutex::new(Vec::new()));
     let app = axum::Router::new()
-        .route("/{org}/{name}/resolve/{rev}/{file}", axum::routing::get(resolve))
+        .route(
+            "/{org}/{name}/resolve/{rev}/{file}",
+            axum::routing::get(resolve),
+        )
         .with_state(log.clone());
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
     listener.set_nonblocking(true).unwrap();
     std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            axum::serve(listener, app).await.unwrap();
-        })
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                axum::serve(listener, app).await.unwrap();
+            })
     });
 
     let tmp = tempfile::tempdir().unwrap();
     let prefix = prefix_file(tmp.path());
-    let local = ok(&classify(tiny::model_dir().to_str().unwrap(), tmp.path(), UNREACHABLE, &prefix));
+    let local = ok(&classify(
+        tiny::model_dir().to_str().unwrap(),
+        tmp.path(),
+        UNREACHABLE,
+        &prefix,
+    ));
     let fetched = ok(&classify("acme/fresh-bert", tmp.path(), &endpoint, &prefix));
     assert_eq!(fetched["logits"], local["logits"]);
     let asked = log.lock().unwrap().clone();
     for f in ["config.json", "tokenizer.json", "model.safetensors"] {
-        assert!(asked.contains(&format!("acme/fresh-bert/{f}")), "{f} not fetched: {asked:?}");
+        assert!(
+            asked.contains(&format!("acme/fresh-bert/{f}")),
+            "{f} not fetched: {asked:?}"
+        );
     }
-    let snapshot = tmp.path().join("hub/models--acme--fresh-bert/snapshots").join(COMMIT);
-    assert!(snapshot.join("model.safetensors").exists(), "the standard cache layout");
+    let snapshot = tmp
+        .path()
+        .join("hub/models--acme--fresh-bert/snapshots")
+        .join(COMMIT);
+    assert!(
+        snapshot.join("model.safetensors").exists(),
+        "the standard cache layout"
+    );
     // Now cached: the hub is not needed any more.
-    let again = ok(&classify("acme/fresh-bert", tmp.path(), UNREACHABLE, &prefix));
+    let again = ok(&classify(
+        "acme/fresh-bert",
+        tmp.path(),
+        UNREACHABLE,
+        &prefix,
+    ));
     assert_eq!(again["logits"], local["logits"]);
 }

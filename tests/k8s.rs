@@ -14,9 +14,15 @@ fn render() -> Vec<Value> {
         .arg(root.join("deploy/k8s"))
         .output()
         .expect("kubectl is installed (it renders the manifests)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
-    serde_yaml::Deserializer::from_str(&text).map(|d| Value::deserialize(d).unwrap()).collect()
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).unwrap())
+        .collect()
 }
 
 use serde::Deserialize;
@@ -28,7 +34,9 @@ fn one<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
 }
 
 fn int(v: &Value) -> i64 {
-    v.as_i64().or_else(|| v.as_str().and_then(|s| s.parse().ok())).unwrap_or_else(|| panic!("not a number: {v:?}"))
+    v.as_i64()
+        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+        .unwrap_or_else(|| panic!("not a number: {v:?}"))
 }
 
 #[test]
@@ -42,12 +50,28 @@ fn the_manifests_wire_up() {
     let env = &config["data"];
 
     // The served port, the probes and the scrape annotations agree.
-    let port = c["ports"].as_sequence().unwrap().iter().find(|p| p["name"] == "http").expect("an http port");
+    let port = c["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "http")
+        .expect("an http port");
     let port = int(&port["containerPort"]);
     let addr = env["PREFIXD_ADDR"].as_str().unwrap();
-    assert_eq!(addr.rsplit(':').next().unwrap().parse::<i64>().unwrap(), port, "the server listens on the container port");
-    assert!(addr.starts_with("0.0.0.0:"), "reachable from outside the pod");
-    for (probe, path) in [("startupProbe", "/ready"), ("readinessProbe", "/ready"), ("livenessProbe", "/health")] {
+    assert_eq!(
+        addr.rsplit(':').next().unwrap().parse::<i64>().unwrap(),
+        port,
+        "the server listens on the container port"
+    );
+    assert!(
+        addr.starts_with("0.0.0.0:"),
+        "reachable from outside the pod"
+    );
+    for (probe, path) in [
+        ("startupProbe", "/ready"),
+        ("readinessProbe", "/ready"),
+        ("livenessProbe", "/health"),
+    ] {
         assert_eq!(c[probe]["httpGet"]["path"], path, "{probe}");
         assert_eq!(c[probe]["httpGet"]["port"], "http", "{probe}");
     }
@@ -63,7 +87,10 @@ fn the_manifests_wire_up() {
     let shutdown = int(&env["PREFIXD_SHUTDOWN_TIMEOUT"]);
     let grace = int(&pod["spec"]["terminationGracePeriodSeconds"]);
     assert!(drain > 0, "readiness fails before the listener closes");
-    assert!(grace >= pre_stop + drain + shutdown + 5, "grace {grace} < {pre_stop} + {drain} + {shutdown} + 5");
+    assert!(
+        grace >= pre_stop + drain + shutdown + 5,
+        "grace {grace} < {pre_stop} + {drain} + {shutdown} + 5"
+    );
     // Readiness must notice within the drain delay.
     let ready = &c["readinessProbe"];
     assert!(int(&ready["periodSeconds"]) * int(&ready["failureThreshold"]) <= drain);
@@ -73,22 +100,37 @@ fn the_manifests_wire_up() {
         .as_sequence()
         .unwrap()
         .iter()
-        .map(|s| match (&s["configMapRef"]["name"], &s["secretRef"]["name"]) {
-            (Value::String(n), _) => ("ConfigMap", n.as_str()),
-            (_, Value::String(n)) => ("Secret", n.as_str()),
-            _ => panic!("unexpected envFrom {s:?}"),
-        })
+        .map(
+            |s| match (&s["configMapRef"]["name"], &s["secretRef"]["name"]) {
+                (Value::String(n), _) => ("ConfigMap", n.as_str()),
+                (_, Value::String(n)) => ("Secret", n.as_str()),
+                _ => panic!("unexpected envFrom {s:?}"),
+            },
+        )
         .collect();
     assert!(sources.contains(&("ConfigMap", config["metadata"]["name"].as_str().unwrap())));
     assert!(sources.contains(&("Secret", secret["metadata"]["name"].as_str().unwrap())));
-    let help = Command::new(env!("CARGO_BIN_EXE_prefixd")).args(["serve", "--help"]).output().unwrap();
+    let help = Command::new(env!("CARGO_BIN_EXE_prefixd"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
     let help = String::from_utf8(help.stdout).unwrap();
-    let keys = env.as_mapping().unwrap().keys().chain(secret["stringData"].as_mapping().unwrap().keys());
+    let keys = env
+        .as_mapping()
+        .unwrap()
+        .keys()
+        .chain(secret["stringData"].as_mapping().unwrap().keys());
     for key in keys {
         let key = key.as_str().unwrap();
-        assert!(help.contains(&format!("[env: {key}")), "prefixd serve reads no {key}");
+        assert!(
+            help.contains(&format!("[env: {key}")),
+            "prefixd serve reads no {key}"
+        );
     }
-    assert_eq!(secret["stringData"]["PREFIXD_ADMIN_TOKEN"], "", "no default admin token is shipped");
+    assert_eq!(
+        secret["stringData"]["PREFIXD_ADMIN_TOKEN"], "",
+        "no default admin token is shipped"
+    );
 
     // Resources, and selectors that select this pod.
     for k in ["cpu", "memory"] {
@@ -96,12 +138,28 @@ fn the_manifests_wire_up() {
     }
     assert!(!c["resources"]["limits"]["memory"].is_null());
     let labels = pod["metadata"]["labels"].as_mapping().unwrap();
-    let selects = |sel: &Value| sel.as_mapping().unwrap().iter().all(|(k, v)| labels.get(k) == Some(v));
+    let selects = |sel: &Value| {
+        sel.as_mapping()
+            .unwrap()
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+    };
     assert!(selects(&deploy["spec"]["selector"]["matchLabels"]));
     assert!(selects(&one(&docs, "Service")["spec"]["selector"]));
-    assert!(selects(&one(&docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"]));
-    assert_eq!(one(&docs, "Service")["spec"]["ports"][0]["targetPort"], "http");
+    assert!(selects(
+        &one(&docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"]
+    ));
+    assert_eq!(
+        one(&docs, "Service")["spec"]["ports"][0]["targetPort"],
+        "http"
+    );
     let hpa = one(&docs, "HorizontalPodAutoscaler");
-    assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], deploy["metadata"]["name"]);
-    assert!(int(&hpa["spec"]["minReplicas"]) >= 2, "a PDB with one replica would block every drain");
+    assert_eq!(
+        hpa["spec"]["scaleTargetRef"]["name"],
+        deploy["metadata"]["name"]
+    );
+    assert!(
+        int(&hpa["spec"]["minReplicas"]) >= 2,
+        "a PDB with one replica would block every drain"
+    );
 }

@@ -36,7 +36,12 @@ fn the_task_list_comes_in_pages() {
         let r = server.get(&path);
         assert_eq!(r.status, 200, "{}", r.text);
         assert_eq!(r.body["total"], 25);
-        let page: Vec<String> = r.body["tasks"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap().to_string()).collect();
+        let page: Vec<String> = r.body["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["name"].as_str().unwrap().to_string())
+            .collect();
         assert!(page.len() <= 10);
         seen.extend(page);
         pages += 1;
@@ -48,14 +53,34 @@ fn the_task_list_comes_in_pages() {
     assert_eq!((pages, seen), (3, names(25)), "every task once, in order");
 
     let r = server.get("/v1/tasks?prefix=t1");
-    let page: Vec<&str> = r.body["tasks"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    let page: Vec<&str> = r.body["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
     assert_eq!(page, (10..20).map(|i| format!("t{i}")).collect::<Vec<_>>());
-    assert_eq!((r.body["total"].as_u64(), r.body["next_after"].is_null()), (Some(10), true));
-    assert_eq!(server.get("/v1/tasks").body["tasks"].as_array().unwrap().len(), 25, "one page by default");
+    assert_eq!(
+        (r.body["total"].as_u64(), r.body["next_after"].is_null()),
+        (Some(10), true)
+    );
+    assert_eq!(
+        server.get("/v1/tasks").body["tasks"]
+            .as_array()
+            .unwrap()
+            .len(),
+        25,
+        "one page by default"
+    );
 
     for bad in ["limit=0", "limit=5000", "limit=x", "colour=blue"] {
         let r = server.get(&format!("/v1/tasks?{bad}"));
-        assert_eq!((r.status, r.body["error_type"].as_str()), (422, Some("invalid_input")), "{bad}: {}", r.text);
+        assert_eq!(
+            (r.status, r.body["error_type"].as_str()),
+            (422, Some("invalid_input")),
+            "{bad}: {}",
+            r.text
+        );
     }
 }
 
@@ -80,7 +105,10 @@ fn metrics_stay_bounded_and_keep_the_totals() {
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
         .sum();
     assert_eq!(total, 12.0, "every request counted");
-    assert_eq!(server.metric("prefixd_requests_total{status=\"200\",task=\"other\"}"), 9.0);
+    assert_eq!(
+        server.metric("prefixd_requests_total{status=\"200\",task=\"other\"}"),
+        9.0
+    );
     let per_task = text.lines().filter(|l| l.contains("task=\"")).count();
     assert!(per_task <= 4 * 20, "{per_task} per-task lines");
 }

@@ -4,8 +4,8 @@
 mod common;
 
 use common::{argmax, cases, engine, fixtures_dir, max_abs_diff, Case, CASES};
-use prefixd::engine::{Encoded, Row};
 use prefixd::engine::Task;
+use prefixd::engine::{Encoded, Row};
 
 const TOL: f32 = 1e-4;
 
@@ -160,7 +160,10 @@ fn cpu_kernels_agree_with_the_candle_reference_path() {
 }
 
 /// All 60 fixture inputs of the three tasks (P = 8, 20, 10) as one interleaved batch of rows.
-fn mixed_rows<'a>(tasks: &'a [Task], all: &'a [(usize, Case)]) -> Vec<prefixd::model::EncoderRow<'a>> {
+fn mixed_rows<'a>(
+    tasks: &'a [Task],
+    all: &'a [(usize, Case)],
+) -> Vec<prefixd::model::EncoderRow<'a>> {
     all.iter()
         .map(|(t, c)| prefixd::model::EncoderRow {
             input_ids: &c.input_ids,
@@ -220,7 +223,12 @@ fn half_precision_stays_close_to_float32() {
         let preds = half.classify_texts(&task, &inputs, 32).unwrap();
         for (c, p) in cs.iter().zip(&preds) {
             let d = max_abs_diff(&p.logits, &c.logits);
-            assert!(d < 0.15, "{case}: bf16 logits {:?} vs PEFT {:?}", p.logits, c.logits);
+            assert!(
+                d < 0.15,
+                "{case}: bf16 logits {:?} vs PEFT {:?}",
+                p.logits,
+                c.logits
+            );
             let mut sorted = c.logits.clone();
             sorted.sort_by(|a, b| b.total_cmp(a));
             if sorted.len() > 1 && sorted[0] - sorted[1] > 0.3 {

@@ -13,8 +13,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn which(name: &str, var: &str) -> PathBuf {
-    let path = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/usr/bin").join(name));
-    assert!(path.exists(), "{} is missing: run scripts/browser-env (scripts/test does) or set {var}", path.display());
+    let path = std::env::var_os(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin").join(name));
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/browser-env (scripts/test does) or set {var}",
+        path.display()
+    );
     path
 }
 
@@ -23,7 +29,11 @@ struct Driver(Child, u16);
 
 impl Driver {
     fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let child = Command::new(which("chromedriver", "PREFIXD_CHROMEDRIVER"))
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
@@ -32,7 +42,10 @@ impl Driver {
             .expect("chromedriver starts");
         let start = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(20), "chromedriver did not listen");
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "chromedriver did not listen"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         Self(child, port)
@@ -57,13 +70,20 @@ fn the_playground_classifies_in_a_real_browser() {
     let dir = tempfile::tempdir().unwrap();
     for task in ["sst2", "trec"] {
         let name = format!("{task}.safetensors");
-        std::fs::copy(common::repo_root().join("prefixes").join(&name), dir.path().join(&name)).unwrap();
+        std::fs::copy(
+            common::repo_root().join("prefixes").join(&name),
+            dir.path().join(&name),
+        )
+        .unwrap();
     }
     let server = Server::start(dir.path(), &[]);
     let text = "A wonderful, moving film with a superb cast.";
     let expected = server.classify(&json!({"task": "sst2", "inputs": [text]}));
     assert_eq!(expected.status, 200, "{}", expected.text);
-    let expected = expected.body["results"][0]["label"].as_str().unwrap().to_string();
+    let expected = expected.body["results"][0]["label"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert_eq!(expected, "positive");
 
     let driver = Driver::start();
@@ -72,7 +92,10 @@ fn the_playground_classifies_in_a_real_browser() {
         "binary": chromium,
         "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1000,900"],
     }});
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(async {
         let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
             .capabilities(caps.as_object().unwrap().clone())
@@ -82,19 +105,41 @@ fn the_playground_classifies_in_a_real_browser() {
         let result = async {
             client.goto(&format!("{}/", server.base)).await?;
             // The task list comes from /v1/tasks.
-            client.wait().at_most(Duration::from_secs(20)).for_element(Locator::Css("#task option[value='trec']")).await?;
-            client.find(Locator::Css("#task")).await?.select_by_value("sst2").await?;
-            client.find(Locator::Id("text")).await?.send_keys(text).await?;
+            client
+                .wait()
+                .at_most(Duration::from_secs(20))
+                .for_element(Locator::Css("#task option[value='trec']"))
+                .await?;
+            client
+                .find(Locator::Css("#task"))
+                .await?
+                .select_by_value("sst2")
+                .await?;
+            client
+                .find(Locator::Id("text"))
+                .await?
+                .send_keys(text)
+                .await?;
             let curl = client.find(Locator::Id("curl")).await?.text().await?;
             client.find(Locator::Id("run")).await?.click().await?;
-            client.wait().at_most(Duration::from_secs(20)).for_element(Locator::Css("#results .row.top")).await?;
+            client
+                .wait()
+                .at_most(Duration::from_secs(20))
+                .for_element(Locator::Css("#results .row.top"))
+                .await?;
             let top = client.find(Locator::Id("top-label")).await?.text().await?;
             let rows = client.find_all(Locator::Css("#results .row")).await?.len();
             let shot = client.screenshot().await?;
             std::fs::write(artifacts().join("playground.png"), &shot).unwrap();
 
             client.goto(&format!("{}/docs/", server.base)).await?;
-            let op = client.wait().at_most(Duration::from_secs(20)).for_element(Locator::Css(".opblock-summary-path[data-path='/v1/classify']")).await?;
+            let op = client
+                .wait()
+                .at_most(Duration::from_secs(20))
+                .for_element(Locator::Css(
+                    ".opblock-summary-path[data-path='/v1/classify']",
+                ))
+                .await?;
             let docs_path = op.text().await?;
             std::fs::write(artifacts().join("docs.png"), client.screenshot().await?).unwrap();
             Ok::<_, fantoccini::error::CmdError>((top, rows, curl, shot.len(), docs_path))
@@ -104,7 +149,10 @@ fn the_playground_classifies_in_a_real_browser() {
         let (top, rows, curl, shot, docs_path) = result.expect("the page works");
         assert_eq!(top, expected, "the rendered top label is the server's");
         assert_eq!(rows, 2, "one bar per sst2 label");
-        assert!(curl.contains("/v1/classify") && curl.contains("moving film"), "{curl}");
+        assert!(
+            curl.contains("/v1/classify") && curl.contains("moving film"),
+            "{curl}"
+        );
         assert!(shot > 1000, "a screenshot was taken");
         assert_eq!(docs_path.replace('\u{200b}', ""), "/v1/classify");
     });
@@ -118,9 +166,16 @@ fn the_pages_are_served_offline() {
     let page = server.get("/");
     assert_eq!(page.status, 200);
     assert!(page.text.contains("prefixd playground") && page.text.contains("v1/classify"));
-    assert!(!page.text.contains("https://"), "the playground loads nothing from the network");
+    assert!(
+        !page.text.contains("https://"),
+        "the playground loads nothing from the network"
+    );
     let docs = server.get("/docs/");
     assert_eq!(docs.status, 200);
-    assert!(!docs.text.contains("https://"), "Swagger UI is vendored: {}", docs.text);
+    assert!(
+        !docs.text.contains("https://"),
+        "Swagger UI is vendored: {}",
+        docs.text
+    );
     assert_eq!(server.get("/openapi.json").body["info"]["title"], "prefixd");
 }

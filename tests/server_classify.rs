@@ -260,8 +260,12 @@ fn the_shutdown_timeout_is_kept_and_queued_rows_get_503() {
                     .send_json(json!({"task": case, "inputs": inputs}))
                     .unwrap();
                 let status = r.status().as_u16();
-                let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
-                let body: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+                let retry = r
+                    .headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap().to_string());
+                let body: Value =
+                    serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
                 if status == 503 {
                     assert_eq!(body["error_type"], "shutting_down", "{body}");
                     assert_eq!(retry.as_deref(), Some("5"), "503 without Retry-After");
@@ -280,8 +284,15 @@ fn the_shutdown_timeout_is_kept_and_queued_rows_get_503() {
     let status = server.wait(Duration::from_secs(30));
     assert!(status.success(), "exit status {status:?}");
     // 1 s timeout + the batch already running + a 2 s grace for the answers.
-    assert!(t0.elapsed() < Duration::from_secs(8), "exited after {:?}", t0.elapsed());
-    assert!(statuses.contains(&503), "no request was cut by the deadline: {statuses:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(8),
+        "exited after {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        statuses.contains(&503),
+        "no request was cut by the deadline: {statuses:?}"
+    );
 }
 
 #[test]
@@ -421,6 +432,7 @@ fn health_readiness_and_metrics() {
         assert!(text.contains(name), "metrics lack {name}");
     }
     // Metric names have no colons (label values may: a fingerprint is `sha256:…`).
-    assert!(!text.lines().any(|l| !l.starts_with('#')
-        && l.split(['{', ' ']).next().unwrap_or("").contains(':')));
+    assert!(!text
+        .lines()
+        .any(|l| !l.starts_with('#') && l.split(['{', ' ']).next().unwrap_or("").contains(':')));
 }

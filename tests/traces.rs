@@ -43,9 +43,15 @@ fn collector() -> (String, Arc<Mutex<Vec<Span>>>) {
     let url = format!("http://{}", listener.local_addr().unwrap());
     listener.set_nonblocking(true).unwrap();
     std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-            axum::serve(tokio::net::TcpListener::from_std(listener).unwrap(), app).await.unwrap();
-        })
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                axum::serve(tokio::net::TcpListener::from_std(listener).unwrap(), app)
+                    .await
+                    .unwrap();
+            })
     });
     (url, spans)
 }
@@ -66,9 +72,19 @@ fn requests_become_traces_with_tokenize_queue_and_forward() {
     let spans = spans.lock().unwrap();
     let requests: Vec<&Span> = spans
         .iter()
-        .filter(|s| s.name == "request" && s.attributes.iter().any(|a| format!("{:?}", a.value).contains("/v1/classify")))
+        .filter(|s| {
+            s.name == "request"
+                && s.attributes
+                    .iter()
+                    .any(|a| format!("{:?}", a.value).contains("/v1/classify"))
+        })
         .collect();
-    assert_eq!(requests.len(), 2, "one trace per classify request: {:?}", names(&spans));
+    assert_eq!(
+        requests.len(),
+        2,
+        "one trace per classify request: {:?}",
+        names(&spans)
+    );
     for request in requests {
         let children: Vec<&str> = spans
             .iter()
@@ -76,11 +92,18 @@ fn requests_become_traces_with_tokenize_queue_and_forward() {
             .map(|s| s.name.as_str())
             .collect();
         for inner in ["tokenize", "queue", "forward"] {
-            assert!(children.contains(&inner), "{inner} missing under the request: {children:?}");
+            assert!(
+                children.contains(&inner),
+                "{inner} missing under the request: {children:?}"
+            );
         }
         for s in spans.iter().filter(|s| s.trace_id == request.trace_id) {
-            assert!(s.start_time_unix_nano >= request.start_time_unix_nano && s.end_time_unix_nano <= request.end_time_unix_nano,
-                "{} lies inside its request", s.name);
+            assert!(
+                s.start_time_unix_nano >= request.start_time_unix_nano
+                    && s.end_time_unix_nano <= request.end_time_unix_nano,
+                "{} lies inside its request",
+                s.name
+            );
         }
     }
 }

@@ -5,8 +5,8 @@
 mod common;
 
 use common::{engine, model_dir};
-use prefixd::engine::TextInput;
 use prefixd::engine::Task;
+use prefixd::engine::TextInput;
 use prefixd::prefix::peft;
 use prefixd::training::data::{self, Columns, LabelSpec};
 use prefixd::training::{gradient_norms, train, Quiet, TrainConfig};
@@ -254,7 +254,10 @@ fn train_and_eval_commands() {
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        (String::from_utf8(o.stdout).unwrap(), String::from_utf8(o.stderr).unwrap())
+        (
+            String::from_utf8(o.stdout).unwrap(),
+            String::from_utf8(o.stderr).unwrap(),
+        )
     };
     let model = model_dir();
     let (_, trained_log) = run(&[
@@ -303,36 +306,50 @@ fn train_and_eval_commands() {
     assert_eq!(steps[2]["epoch"], 2);
     // The learning curve beside the prefix, and the best epoch's per-class report.
     let svg = std::fs::read_to_string(out.path().join("sst2.curve.svg")).unwrap();
-    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{svg}");
+    assert!(
+        svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
+        "{svg}"
+    );
     for word in ["loss", "accuracy", "macro-F1", "optimizer step", "epoch"] {
         assert!(svg.contains(word), "the curve lacks {word:?}");
     }
-    assert!(trained_log.contains("precision") && trained_log.contains("positive"), "{trained_log}");
+    assert!(
+        trained_log.contains("precision") && trained_log.contains("positive"),
+        "{trained_log}"
+    );
     let confusion = out.path().join("confusion.svg");
-    let report: serde_json::Value = serde_json::from_str(&run(&[
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--prefix",
-        file.to_str().unwrap(),
-        "--data",
-        path.to_str().unwrap(),
-        "--json",
-        "--confusion-svg",
-        confusion.to_str().unwrap(),
-    ]).0)
+    let report: serde_json::Value = serde_json::from_str(
+        &run(&[
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--prefix",
+            file.to_str().unwrap(),
+            "--data",
+            path.to_str().unwrap(),
+            "--json",
+            "--confusion-svg",
+            confusion.to_str().unwrap(),
+        ])
+        .0,
+    )
     .unwrap();
     let picture = std::fs::read_to_string(&confusion).unwrap();
     for row in report["confusion"].as_array().unwrap() {
         for n in row.as_array().unwrap() {
-            assert!(picture.contains(&format!(">\n{n}\n</text>")), "the picture lacks the count {n}");
+            assert!(
+                picture.contains(&format!(">\n{n}\n</text>")),
+                "the picture lacks the count {n}"
+            );
         }
     }
     assert!(picture.contains("negative") && picture.contains("positive"));
     assert_eq!(report["examples"], 24);
     let acc = report["accuracy"].as_f64().unwrap();
     let best = metrics["best_epoch"].as_u64().unwrap() as usize - 1;
-    let trained = metrics["epochs"][best]["eval"]["accuracy"].as_f64().unwrap();
+    let trained = metrics["epochs"][best]["eval"]["accuracy"]
+        .as_f64()
+        .unwrap();
     assert!(
         (acc - trained).abs() < 1e-9,
         "eval agrees with the trainer's own evaluation"

@@ -8,7 +8,8 @@ use candle_core::{Device, Tensor, Var};
 use prefixd::model::{Dropout, PrefixedBert};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-type Forward = fn(&PrefixedBert, &[(&[u32], &[u32])], &Tensor, &mut Dropout) -> prefixd::model::Result<Tensor>;
+type Forward =
+    fn(&PrefixedBert, &[(&[u32], &[u32])], &Tensor, &mut Dropout) -> prefixd::model::Result<Tensor>;
 
 /// Rows of different lengths (so padding is exercised), ids below `vocab`, a second segment on
 /// the last row.
@@ -34,7 +35,10 @@ fn loss_and_grad(
     weights: &Tensor,
     dropout: Dropout,
 ) -> (Vec<f32>, f32, Vec<f32>) {
-    let rows: Vec<(&[u32], &[u32])> = rows.iter().map(|(a, b)| (a.as_slice(), b.as_slice())).collect();
+    let rows: Vec<(&[u32], &[u32])> = rows
+        .iter()
+        .map(|(a, b)| (a.as_slice(), b.as_slice()))
+        .collect();
     let mut dropout = dropout;
     let pooled = forward(model, &rows, prompt.as_tensor(), &mut dropout).unwrap();
     let loss = (&pooled * weights).unwrap().sum_all().unwrap();
@@ -59,10 +63,18 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 fn setup(model: &PrefixedBert, p: usize, seed: u64) -> (Var, Tensor) {
     let c = model.config();
     let width = c.num_hidden_layers * 2 * c.hidden_size;
-    let prompt = Var::from_tensor(&(Tensor::randn(0f32, 1.0, (p, width), &Device::Cpu).unwrap() * 0.5).unwrap()).unwrap();
+    let prompt = Var::from_tensor(
+        &(Tensor::randn(0f32, 1.0, (p, width), &Device::Cpu).unwrap() * 0.5).unwrap(),
+    )
+    .unwrap();
     let mut rng = StdRng::seed_from_u64(seed);
-    let w: Vec<f32> = (0..5 * c.hidden_size).map(|_| rng.random_range(-1.0..1.0)).collect();
-    (prompt, Tensor::from_vec(w, (5, c.hidden_size), &Device::Cpu).unwrap())
+    let w: Vec<f32> = (0..5 * c.hidden_size)
+        .map(|_| rng.random_range(-1.0..1.0))
+        .collect();
+    (
+        prompt,
+        Tensor::from_vec(w, (5, c.hidden_size), &Device::Cpu).unwrap(),
+    )
 }
 
 #[test]
@@ -70,12 +82,28 @@ fn real_model_gradients_match_candle_autograd_without_dropout() {
     let model = PrefixedBert::load(&common::model_dir(), &Device::Cpu).unwrap();
     let (prompt, weights) = setup(&model, 8, 1);
     let rows = rows(model.config().vocab_size as u32, 2);
-    let (y_fast, l_fast, g_fast) = loss_and_grad(&model, PrefixedBert::pooled_train, &rows, &prompt, &weights, Dropout::new(0.0, 0));
-    let (y_ref, l_ref, g_ref) =
-        loss_and_grad(&model, PrefixedBert::pooled_train_reference, &rows, &prompt, &weights, Dropout::new(0.0, 0));
+    let (y_fast, l_fast, g_fast) = loss_and_grad(
+        &model,
+        PrefixedBert::pooled_train,
+        &rows,
+        &prompt,
+        &weights,
+        Dropout::new(0.0, 0),
+    );
+    let (y_ref, l_ref, g_ref) = loss_and_grad(
+        &model,
+        PrefixedBert::pooled_train_reference,
+        &rows,
+        &prompt,
+        &weights,
+        Dropout::new(0.0, 0),
+    );
     let dy = max_diff(&y_fast, &y_ref);
     assert!(dy < 1e-4, "pooled differs by {dy}");
-    assert!((l_fast - l_ref).abs() < 1e-3 * l_ref.abs().max(1.0), "loss {l_fast} vs {l_ref}");
+    assert!(
+        (l_fast - l_ref).abs() < 1e-3 * l_ref.abs().max(1.0),
+        "loss {l_fast} vs {l_ref}"
+    );
     let (dg, scale) = (max_diff(&g_fast, &g_ref), max_abs(&g_ref));
     assert!(scale > 0.0, "reference gradient is zero");
     assert!(dg < 1e-3 * scale, "gradient differs by {dg} (max {scale})");
@@ -85,7 +113,12 @@ fn real_model_gradients_match_candle_autograd_without_dropout() {
     for block in 0..c.num_hidden_layers * 2 {
         let norm: f32 = g_fast
             .chunks_exact(c.num_hidden_layers * 2 * hd)
-            .map(|row| row[block * hd..(block + 1) * hd].iter().map(|x| x * x).sum::<f32>())
+            .map(|row| {
+                row[block * hd..(block + 1) * hd]
+                    .iter()
+                    .map(|x| x * x)
+                    .sum::<f32>()
+            })
             .sum();
         assert!(norm > 0.0, "block {block} got no gradient");
     }
@@ -97,19 +130,60 @@ fn tiny_model_gradients_match_candle_autograd_and_finite_differences_with_dropou
     let vocab = model.config().vocab_size as u32;
     let rows = rows(vocab, 3);
     let (prompt, weights) = setup(&model, 5, 4);
-    let (_, _, g_fast) = loss_and_grad(&model, PrefixedBert::pooled_train, &rows, &prompt, &weights, Dropout::new(0.0, 0));
-    let (_, _, g_ref) =
-        loss_and_grad(&model, PrefixedBert::pooled_train_reference, &rows, &prompt, &weights, Dropout::new(0.0, 0));
+    let (_, _, g_fast) = loss_and_grad(
+        &model,
+        PrefixedBert::pooled_train,
+        &rows,
+        &prompt,
+        &weights,
+        Dropout::new(0.0, 0),
+    );
+    let (_, _, g_ref) = loss_and_grad(
+        &model,
+        PrefixedBert::pooled_train_reference,
+        &rows,
+        &prompt,
+        &weights,
+        Dropout::new(0.0, 0),
+    );
     assert!(max_diff(&g_fast, &g_ref) < 1e-4 * max_abs(&g_ref).max(1e-3));
 
     // With dropout: the same seed gives the same mask (and bytes), a fresh one another mask.
     let drop = || Dropout::new(0.3, 11);
-    let (y1, l1, g1) = loss_and_grad(&model, PrefixedBert::pooled_train, &rows, &prompt, &weights, drop());
-    let (y2, _, g2) = loss_and_grad(&model, PrefixedBert::pooled_train, &rows, &prompt, &weights, drop());
+    let (y1, l1, g1) = loss_and_grad(
+        &model,
+        PrefixedBert::pooled_train,
+        &rows,
+        &prompt,
+        &weights,
+        drop(),
+    );
+    let (y2, _, g2) = loss_and_grad(
+        &model,
+        PrefixedBert::pooled_train,
+        &rows,
+        &prompt,
+        &weights,
+        drop(),
+    );
     assert_eq!((&y1, &g1), (&y2, &g2), "same seed, different result");
-    let (y3, _, _) = loss_and_grad(&model, PrefixedBert::pooled_train, &rows, &prompt, &weights, Dropout::new(0.3, 12));
+    let (y3, _, _) = loss_and_grad(
+        &model,
+        PrefixedBert::pooled_train,
+        &rows,
+        &prompt,
+        &weights,
+        Dropout::new(0.3, 12),
+    );
     assert!(max_diff(&y1, &y3) > 1e-3, "another seed, same mask");
-    let (y0, _, _) = loss_and_grad(&model, PrefixedBert::pooled_train, &rows, &prompt, &weights, Dropout::new(0.0, 0));
+    let (y0, _, _) = loss_and_grad(
+        &model,
+        PrefixedBert::pooled_train,
+        &rows,
+        &prompt,
+        &weights,
+        Dropout::new(0.0, 0),
+    );
     assert!(max_diff(&y1, &y0) > 1e-3, "dropout changed nothing");
 
     // Central differences on the largest-gradient coordinates and a few random ones: the
@@ -127,8 +201,17 @@ fn tiny_model_gradients_match_candle_autograd_and_finite_differences_with_dropou
         let at = |delta: f32| {
             let mut v = base.clone();
             v[i] += delta;
-            let var = Var::from_tensor(&Tensor::from_vec(v, shape.clone(), &Device::Cpu).unwrap()).unwrap();
-            loss_and_grad(&model, PrefixedBert::pooled_train, &rows, &var, &weights, drop()).1
+            let var = Var::from_tensor(&Tensor::from_vec(v, shape.clone(), &Device::Cpu).unwrap())
+                .unwrap();
+            loss_and_grad(
+                &model,
+                PrefixedBert::pooled_train,
+                &rows,
+                &var,
+                &weights,
+                drop(),
+            )
+            .1
         };
         let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
         assert!(

@@ -28,17 +28,31 @@ fn an_upload_records_its_truncation_and_the_server_cuts_to_it() {
     let upload = |task: &str, extra: &[(&str, Option<&str>, &[u8])]| {
         let mut parts: Vec<(&str, Option<&str>, &[u8])> = vec![
             ("adapter_config.json", Some("adapter_config.json"), &config),
-            ("adapter_model.safetensors", Some("adapter_model.safetensors"), &weights),
+            (
+                "adapter_model.safetensors",
+                Some("adapter_model.safetensors"),
+                &weights,
+            ),
         ];
         parts.extend_from_slice(extra);
         let (ct, body) = multipart(&parts);
         server.put(&format!("/v1/admin/tasks/{task}"), &ct, &body, None)
     };
     let r = upload("short", &[("max_length", None, b"6")]);
-    assert_eq!((r.status, &r.body["max_length"]), (200, &json!(6)), "{}", r.text);
+    assert_eq!(
+        (r.status, &r.body["max_length"]),
+        (200, &json!(6)),
+        "{}",
+        r.text
+    );
     let r = upload("long", &[]);
     // Without its own: the server's --max-length, within the model's 96 positions less P = 5.
-    assert_eq!((r.status, &r.body["max_length"]), (200, &json!(91)), "{}", r.text);
+    assert_eq!(
+        (r.status, &r.body["max_length"]),
+        (200, &json!(91)),
+        "{}",
+        r.text
+    );
     assert_eq!(server.get("/v1/tasks/short").body["max_length"], 6);
 
     let logits = |task: &str, text: &str| {
@@ -55,8 +69,17 @@ fn an_upload_records_its_truncation_and_the_server_cuts_to_it() {
 
     for bad in [&b"1"[..], b"abc", b"-3", b""] {
         let r = upload("bad", &[("max_length", None, bad)]);
-        assert_eq!((r.status, r.body["error_type"].as_str()), (400, Some("invalid_request")), "{}", r.text);
-        assert!(r.body["error"].as_str().unwrap().contains("max_length"), "{}", r.text);
+        assert_eq!(
+            (r.status, r.body["error_type"].as_str()),
+            (400, Some("invalid_request")),
+            "{}",
+            r.text
+        );
+        assert!(
+            r.body["error"].as_str().unwrap().contains("max_length"),
+            "{}",
+            r.text
+        );
     }
     assert_eq!(server.get("/v1/tasks/bad").status, 404);
 }
@@ -68,16 +91,32 @@ fn truncation_survives_export_and_reimport() {
     let _ = adapter(out.path());
     let plain = peft::import_dir(out.path(), &Default::default(), &info).unwrap();
     assert_eq!(plain.meta.max_length, None);
-    let opts = ImportOptions { max_length: Some(16), ..Default::default() };
+    let opts = ImportOptions {
+        max_length: Some(16),
+        ..Default::default()
+    };
     let file = peft::import_dir(out.path(), &opts, &info).unwrap();
     assert_eq!(file.meta.max_length, Some(16));
 
     let again = tempfile::tempdir().unwrap();
     let _ = peft::export_dir(&file, again.path()).unwrap();
     let back = peft::import_dir(again.path(), &Default::default(), &info).unwrap();
-    assert_eq!(back.meta.max_length, Some(16), "the prefixd.json sidecar carries it");
-    let over = ImportOptions { max_length: Some(32), ..Default::default() };
-    assert_eq!(peft::import_dir(again.path(), &over, &info).unwrap().meta.max_length, Some(32));
+    assert_eq!(
+        back.meta.max_length,
+        Some(16),
+        "the prefixd.json sidecar carries it"
+    );
+    let over = ImportOptions {
+        max_length: Some(32),
+        ..Default::default()
+    };
+    assert_eq!(
+        peft::import_dir(again.path(), &over, &info)
+            .unwrap()
+            .meta
+            .max_length,
+        Some(32)
+    );
 }
 
 #[test]
@@ -89,15 +128,28 @@ fn import_peft_max_length_is_recorded_in_the_file() {
     let import = |extra: &[&str]| {
         let native = tmp.path().join("t.safetensors");
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_prefixd"))
-            .args(["import-peft", adapter_dir.to_str().unwrap(), "--device", "cpu", "--model"])
+            .args([
+                "import-peft",
+                adapter_dir.to_str().unwrap(),
+                "--device",
+                "cpu",
+                "--model",
+            ])
             .arg(&model)
             .arg("-o")
             .arg(&native)
             .args(extra)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        prefixd::prefix::PrefixFile::read(&native).unwrap().meta.max_length
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        prefixd::prefix::PrefixFile::read(&native)
+            .unwrap()
+            .meta
+            .max_length
     };
     assert_eq!(import(&["--max-length", "24"]), Some(24));
     assert_eq!(import(&[]), None);

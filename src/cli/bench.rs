@@ -6,9 +6,9 @@ use serde_json::json;
 use std::time::{Duration, Instant};
 
 use super::ModelArgs;
+use crate::engine::Task;
 use crate::engine::{Encoded, Engine, Row, TextInput};
 use crate::prefix::synthetic::random_prefix;
-use crate::engine::Task;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -123,7 +123,12 @@ fn latency(engine: &Engine, task: &Task, args: &BenchArgs) -> anyhow::Result<()>
 /// batch × seq_len; QKV, attention output, FFN in, FFN out).
 fn kernels(args: &BenchArgs) -> anyhow::Result<()> {
     let m = args.batch * args.seq_len;
-    for (name, k, n) in [("qkv", 384, 1152), ("attn_out", 384, 384), ("ffn_in", 384, 1536), ("ffn_out", 1536, 384)] {
+    for (name, k, n) in [
+        ("qkv", 384, 1152),
+        ("attn_out", 384, 384),
+        ("ffn_in", 384, 1536),
+        ("ffn_out", 1536, 384),
+    ] {
         // About a second of calls (a ~200 GFLOP/s budget), at least 20.
         let reps = ((2e11 / (2.0 * (m * k * n) as f64)) as usize).clamp(20, 5000);
         println!(

@@ -10,8 +10,8 @@ use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
 use super::ModelArgs;
-use crate::engine::{Engine, Row, TextInput};
 use crate::engine::Task;
+use crate::engine::{Engine, Row, TextInput};
 
 #[derive(Debug, clap::Args)]
 pub struct ClassifyArgs {
@@ -47,8 +47,11 @@ struct Line {
 }
 
 fn read_inputs(args: &ClassifyArgs) -> anyhow::Result<Vec<(Option<String>, TextInput)>> {
-    let mut inputs: Vec<(Option<String>, TextInput)> =
-        args.text.iter().map(|t| (None, TextInput::single(t))).collect();
+    let mut inputs: Vec<(Option<String>, TextInput)> = args
+        .text
+        .iter()
+        .map(|t| (None, TextInput::single(t)))
+        .collect();
     if let (Some(pair), Some(last)) = (&args.text_pair, inputs.last_mut()) {
         last.1.text_pair = Some(pair.clone());
     }
@@ -94,7 +97,8 @@ fn task_key(path: &std::path::Path) -> String {
     } else {
         path.file_stem()
     };
-    p.map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+    p.map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 pub fn run(args: ClassifyArgs) -> anyhow::Result<()> {
@@ -119,7 +123,10 @@ pub fn run(args: ClassifyArgs) -> anyhow::Result<()> {
     let mut encoded = Vec::with_capacity(inputs.len());
     for (n, (name, input)) in inputs.iter().enumerate() {
         let Some(name) = name else {
-            bail!("input {}: with several --prefix, every input names its \"task\"", n + 1)
+            bail!(
+                "input {}: with several --prefix, every input names its \"task\"",
+                n + 1
+            )
         };
         let Some(i) = tasks.iter().position(|(k, _)| k == name) else {
             let known: Vec<&str> = tasks.iter().map(|(k, _)| k.as_str()).collect();

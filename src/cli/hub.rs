@@ -45,7 +45,8 @@ fn parse_id(s: &str) -> Option<(&str, Option<&str>)> {
     let ok = |p: &str| {
         !p.is_empty()
             && !p.starts_with('.')
-            && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     };
     let (org, name) = id.split_once('/')?;
     (ok(org) && ok(name)).then_some((id, revision))
@@ -61,9 +62,9 @@ fn fetch(id: &str, revision: Option<&str>) -> anyhow::Result<PathBuf> {
     let repo = api.repo(repo);
     let mut dir = None;
     for file in FILES {
-        let path = repo
-            .get(file)
-            .with_context(|| format!("{file} (prefixd needs config.json, tokenizer.json and model.safetensors)"))?;
+        let path = repo.get(file).with_context(|| {
+            format!("{file} (prefixd needs config.json, tokenizer.json and model.safetensors)")
+        })?;
         dir = path.parent().map(Path::to_path_buf);
     }
     let dir = dir.context("the hub cache returned no directory")?;
@@ -77,9 +78,21 @@ mod tests {
 
     #[test]
     fn ids_and_paths() {
-        assert_eq!(parse_id("sentence-transformers/all-MiniLM-L6-v2"), Some(("sentence-transformers/all-MiniLM-L6-v2", None)));
+        assert_eq!(
+            parse_id("sentence-transformers/all-MiniLM-L6-v2"),
+            Some(("sentence-transformers/all-MiniLM-L6-v2", None))
+        );
         assert_eq!(parse_id("org/name@v1.0"), Some(("org/name", Some("v1.0"))));
-        for not_an_id in ["name", "/abs/path", "./rel/x", "a/b/c", "org/", "org/name@", "../x", "a b/c"] {
+        for not_an_id in [
+            "name",
+            "/abs/path",
+            "./rel/x",
+            "a/b/c",
+            "org/",
+            "org/name@",
+            "../x",
+            "a b/c",
+        ] {
             assert_eq!(parse_id(not_an_id), None, "{not_an_id}");
         }
     }

@@ -23,7 +23,12 @@ pub struct ServeArgs {
     /// API key that /v1/classify and /v1/tasks require as `Authorization: Bearer <key>`; repeat
     /// the flag (or separate with commas in the variable) for several keys. Without one those
     /// routes are open. Health, readiness, metrics and the API documents stay open.
-    #[arg(long = "api-key", env = "PREFIXD_API_KEYS", hide_env_values = true, value_delimiter = ',')]
+    #[arg(
+        long = "api-key",
+        env = "PREFIXD_API_KEYS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
     pub api_keys: Vec<String>,
     /// Most rows in one forward pass.
     #[arg(long, env = "PREFIXD_MAX_BATCH_ROWS", default_value_t = 64)]
@@ -85,7 +90,10 @@ pub struct ServeArgs {
 
 /// Seconds from a flag, refusing negative and non-finite values.
 fn seconds(flag: &str, v: f64) -> anyhow::Result<Duration> {
-    anyhow::ensure!(v.is_finite() && v >= 0.0, "--{flag} must be a number of seconds ≥ 0, got {v}");
+    anyhow::ensure!(
+        v.is_finite() && v >= 0.0,
+        "--{flag} must be a number of seconds ≥ 0, got {v}"
+    );
     Ok(Duration::from_secs_f64(v))
 }
 
@@ -133,7 +141,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         drain_delay: seconds("drain-delay", args.drain_delay)?,
         shutdown_timeout: seconds("shutdown-timeout", args.shutdown_timeout)?,
         watch: !args.no_watch,
-        rescan_interval: Some(seconds("rescan-interval", args.rescan_interval)?).filter(|d| !d.is_zero()),
+        rescan_interval: Some(seconds("rescan-interval", args.rescan_interval)?)
+            .filter(|d| !d.is_zero()),
         metrics_max_tasks: args.metrics_max_tasks,
     })
 }

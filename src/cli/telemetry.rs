@@ -55,22 +55,29 @@ pub fn init_tracing(verbose: u8, format: LogFormat, otlp_endpoint: Option<&str>)
             .boxed(),
     };
     let mut telemetry = Telemetry::default();
-    let traces = otlp_endpoint.filter(|e| !e.trim().is_empty()).and_then(|endpoint| {
-        match tracer_provider(endpoint) {
+    let traces = otlp_endpoint
+        .filter(|e| !e.trim().is_empty())
+        .and_then(|endpoint| match tracer_provider(endpoint) {
             Ok(provider) => {
                 use opentelemetry::trace::TracerProvider;
                 let tracer = provider.tracer("prefixd");
                 telemetry.provider = Some(provider);
                 let spans = filter::Targets::new().with_target("prefixd", tracing::Level::DEBUG);
-                Some(tracing_opentelemetry::layer().with_tracer(tracer).with_filter(spans))
+                Some(
+                    tracing_opentelemetry::layer()
+                        .with_tracer(tracer)
+                        .with_filter(spans),
+                )
             }
             Err(e) => {
                 eprintln!("warning: traces off: cannot export to {endpoint}: {e}");
                 None
             }
-        }
-    });
-    let _ = tracing_subscriber::registry().with(logs).with(traces).try_init();
+        });
+    let _ = tracing_subscriber::registry()
+        .with(logs)
+        .with(traces)
+        .try_init();
     telemetry
 }
 
@@ -86,7 +93,10 @@ fn tracer_provider(endpoint: &str) -> anyhow::Result<opentelemetry_sdk::trace::S
         .build()?;
     let resource = opentelemetry_sdk::Resource::builder()
         .with_service_name("prefixd")
-        .with_attribute(opentelemetry::KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+        .with_attribute(opentelemetry::KeyValue::new(
+            "service.version",
+            env!("CARGO_PKG_VERSION"),
+        ))
         .build();
     Ok(opentelemetry_sdk::trace::SdkTracerProvider::builder()
         .with_batch_exporter(exporter)

@@ -189,13 +189,20 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     std::fs::write(&metrics_path, serde_json::to_string_pretty(&report)? + "\n")
         .with_context(|| format!("{}", metrics_path.display()))?;
     let curve_path = sibling(&args.output, "curve.svg");
-    std::fs::write(&curve_path, crate::training::plots::learning_curve_svg(&report)?)
-        .with_context(|| format!("{}", curve_path.display()))?;
+    std::fs::write(
+        &curve_path,
+        crate::training::plots::learning_curve_svg(&report)?,
+    )
+    .with_context(|| format!("{}", curve_path.display()))?;
     if let Some(dir) = &args.export_peft {
         super::convert::warn_if_base_unknown(&peft::export_dir(&file, dir)?);
     }
     if let Some(e) = report.epochs[report.best_epoch - 1].eval.as_ref() {
-        eprint!("best epoch {} on the eval set:\n{}", report.best_epoch, e.render());
+        eprint!(
+            "best epoch {} on the eval set:\n{}",
+            report.best_epoch,
+            e.render()
+        );
     }
     eprintln!(
         "wrote {} (best epoch {}, {:.1} s, {:.1} examples/s), {} and {}",

@@ -2,8 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::prefix::ProblemType;
 use crate::engine::Task;
+use crate::prefix::ProblemType;
 
 /// One classified input.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -3,7 +3,9 @@
 use sha2::{Digest, Sha256};
 
 use crate::model::{ModelInfo, PrefixKv};
-use crate::prefix::{check_against_model, HostTensor, PrefixError, PrefixFile, PrefixMeta, ProblemType};
+use crate::prefix::{
+    check_against_model, HostTensor, PrefixError, PrefixFile, PrefixMeta, ProblemType,
+};
 
 type Result<T> = std::result::Result<T, PrefixError>;
 
@@ -60,7 +62,12 @@ impl Task {
     }
 
     /// [`Task::from_file`] when the caller already hashed the bytes (`version_of`).
-    pub fn with_version(file: &PrefixFile, model: &ModelInfo, version: String, size_bytes: usize) -> Result<Self> {
+    pub fn with_version(
+        file: &PrefixFile,
+        model: &ModelInfo,
+        version: String,
+        size_bytes: usize,
+    ) -> Result<Self> {
         check_against_model(file, model)?;
         let meta = file.meta.clone();
         let base = &meta.base_model;

@@ -73,7 +73,12 @@ struct Inner {
 impl TextEncoder {
     /// Loads `tokenizer.json`. `max_length` caps every input; the model's positions cap it further;
     /// ids must be below `vocab_size`.
-    pub fn from_file(path: &Path, max_length: usize, max_positions: usize, vocab_size: usize) -> Result<Self> {
+    pub fn from_file(
+        path: &Path,
+        max_length: usize,
+        max_positions: usize,
+        vocab_size: usize,
+    ) -> Result<Self> {
         let mut base = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))?;
         // The shipped tokenizer.json pads to 128; padding is the batcher's job, not the tokenizer's.
@@ -153,7 +158,11 @@ impl TextEncoder {
             Some(pair) => tok.encode((input.text.as_str(), pair.as_str()), true),
         }
         .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
-        if let Some(bad) = enc.get_ids().iter().find(|&&id| id as usize >= self.inner.vocab_size) {
+        if let Some(bad) = enc
+            .get_ids()
+            .iter()
+            .find(|&&id| id as usize >= self.inner.vocab_size)
+        {
             return Err(EngineError::Input(format!(
                 "the tokenizer produced id {bad}, outside the model's vocabulary of {}: \
                  tokenizer.json does not belong to this model",

@@ -9,10 +9,9 @@
 //! residual+LayerNorm passes. Numbers agree with the candle path to float32 rounding (tested).
 //! The candle path stays for training (autograd) and for GPUs.
 
-
 use super::gemm::{gemm, gemm_strided, Epilogue, PackedB};
-use super::PrefixKv;
 use super::kernels::exp;
+use super::PrefixKv;
 
 /// The SIMD width our reductions accumulate in; any x86 vector unit up to AVX-512 fills it.
 pub(crate) const LANES: usize = 16;
@@ -122,7 +121,11 @@ impl Norm {
             // SAFETY: chunk i owns rows r0..r1 of x, inside its length.
             let xs = unsafe { std::slice::from_raw_parts_mut(xp.at(r0 * n), (r1 - r0) * n) };
             for (i, row) in xs.chunks_exact_mut(n).enumerate() {
-                let a = if add.is_empty() { &[][..] } else { &add[(r0 + i) * n..(r0 + i + 1) * n] };
+                let a = if add.is_empty() {
+                    &[][..]
+                } else {
+                    &add[(r0 + i) * n..(r0 + i + 1) * n]
+                };
                 norm_row(row, a, &self.g, &self.b, self.eps);
             }
         });
@@ -235,30 +238,60 @@ pub(crate) fn attention(
     let hd = h * d;
     let scale = 1.0 / (d as f32).sqrt();
     let out_rows = if first_only { s.batch } else { s.batch * sl };
-    assert!(qkv.len() >= s.batch * sl * 3 * hd && ctx.len() >= out_rows * hd && prefixes.len() == s.batch);
+    assert!(
+        qkv.len() >= s.batch * sl * 3 * hd
+            && ctx.len() >= out_rows * hd
+            && prefixes.len() == s.batch
+    );
     let out = CtxPtr(ctx.as_mut_ptr());
     super::pool::for_each(s.batch * h, |item| {
         let (b, head) = (item / h, item % h);
         let (n, prefix) = (lens[b], prefixes[b]);
         let p = prefix.num_virtual_tokens();
         let t = p + n;
-        let (queries, out_row) = if first_only { (n.min(1), b) } else { (n, b * sl) };
+        let (queries, out_row) = if first_only {
+            (n.min(1), b)
+        } else {
+            (n, b * sl)
+        };
         let (kp, vp) = (prefix.block(layer, 0, head), prefix.block(layer, 1, head));
         let rows = &qkv[b * sl * 3 * hd..];
         let token = |j: usize, part: usize| &rows[j * 3 * hd + part * hd + head * d..][..d];
         HEAD.with(|scratch| {
             let mut sc = scratch.borrow_mut();
             let sc = &mut *sc;
-            sc.keys.repack_transposed(d, t, |j| if j < p { &kp[j * d..(j + 1) * d] } else { token(j - p, 1) });
-            sc.values.repack(t, d, |j| if j < p { &vp[j * d..(j + 1) * d] } else { token(j - p, 2) });
+            sc.keys.repack_transposed(d, t, |j| {
+                if j < p {
+                    &kp[j * d..(j + 1) * d]
+                } else {
+                    token(j - p, 1)
+                }
+            });
+            sc.values.repack(t, d, |j| {
+                if j < p {
+                    &vp[j * d..(j + 1) * d]
+                } else {
+                    token(j - p, 2)
+                }
+            });
             sc.scores.resize(queries * t, 0.0);
             // Queries: this head's columns of the real rows, 3·Hd apart.
-            gemm_strided(&rows[head * d..], 3 * hd, queries, &sc.keys, &mut sc.scores, t);
+            gemm_strided(
+                &rows[head * d..],
+                3 * hd,
+                queries,
+                &sc.keys,
+                &mut sc.scores,
+                t,
+            );
             softmax_rows(&mut sc.scores, t, scale);
             // SAFETY: `queries` rows from out_row, columns head·D..head·D+D of ctx belong to this
             // item alone; the slice covers them (asserted above).
             let dst = unsafe {
-                std::slice::from_raw_parts_mut(out.at(out_row * hd + head * d), (queries.max(1) - 1) * hd + d)
+                std::slice::from_raw_parts_mut(
+                    out.at(out_row * hd + head * d),
+                    (queries.max(1) - 1) * hd + d,
+                )
             };
             gemm_strided(&sc.scores, t, queries, &sc.values, dst, hd);
         });
@@ -306,7 +339,14 @@ impl HostBert {
         let (b, sl, hd) = (batch.rows, batch.seq_len, self.hidden);
         let n = b * sl;
         let mut guard = self.workspace.lock().unwrap_or_else(|e| e.into_inner());
-        let Workspace { x, tmp, qkv, inter, ctx, cls } = &mut *guard;
+        let Workspace {
+            x,
+            tmp,
+            qkv,
+            inter,
+            ctx,
+            cls,
+        } = &mut *guard;
         x.clear();
         x.resize(n * hd, 0.0);
         for (r, row) in x.chunks_exact_mut(hd).enumerate() {
@@ -366,7 +406,15 @@ impl HostBert {
 
     /// The rest of a layer after attention, on `rows` rows: output dense + residual + LayerNorm,
     /// feed-forward, dense + residual + LayerNorm. `x` (the layer's input) becomes its output.
-    fn ffn_block(&self, layer: &Layer, x: &mut Vec<f32>, ctx: &[f32], tmp: &mut Vec<f32>, inter: &mut Vec<f32>, rows: usize) {
+    fn ffn_block(
+        &self,
+        layer: &Layer,
+        x: &mut Vec<f32>,
+        ctx: &[f32],
+        tmp: &mut Vec<f32>,
+        inter: &mut Vec<f32>,
+        rows: usize,
+    ) {
         layer.attn_out.forward(ctx, rows, tmp);
         layer.attn_norm.residual(tmp, x);
         std::mem::swap(x, tmp);

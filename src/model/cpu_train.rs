@@ -44,7 +44,11 @@ impl DropMask {
             key: hash32(self.seed ^ site.wrapping_mul(0x9e37_79b9)),
             // Keep an element when its 24-bit uniform is at least p·2²⁴.
             threshold: (self.p.clamp(0.0, 1.0) * (1u32 << 24) as f32) as u32,
-            scale: if self.p > 0.0 { 1.0 / (1.0 - self.p) } else { 1.0 },
+            scale: if self.p > 0.0 {
+                1.0 / (1.0 - self.p)
+            } else {
+                1.0
+            },
             on: self.p > 0.0,
         }
     }
@@ -136,11 +140,18 @@ pub(crate) struct Backward {
 
 impl Backward {
     fn take_spare(&self) -> LayerSaved {
-        self.spare.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default()
+        self.spare
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .unwrap_or_default()
     }
 
     fn recycle(&self, saved: LayerSaved) {
-        self.spare.lock().unwrap_or_else(|e| e.into_inner()).push(saved);
+        self.spare
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(saved);
     }
 }
 
@@ -248,13 +259,23 @@ fn norm_saving(norm: &super::cpu::Norm, x: &mut [f32], add: &[f32], saved: &mut 
     let rows = x.len() / n;
     saved.xhat.resize(x.len(), 0.0);
     saved.inv.resize(rows, 0.0);
-    let (hp, ip) = (CtxPtr::new(saved.xhat.as_mut_ptr()), CtxPtr::new(saved.inv.as_mut_ptr()));
+    let (hp, ip) = (
+        CtxPtr::new(saved.xhat.as_mut_ptr()),
+        CtxPtr::new(saved.inv.as_mut_ptr()),
+    );
     rows_parallel(x, n, |r0, chunk| {
         for (i, row) in chunk.chunks_exact_mut(n).enumerate() {
             let r = r0 + i;
             // SAFETY: row r of xhat and inv belong to this chunk alone.
             let xhat = unsafe { std::slice::from_raw_parts_mut(hp.at(r * n), n) };
-            let inv = norm_row_saving(row, &add[r * n..(r + 1) * n], &norm.g, &norm.b, norm.eps, xhat);
+            let inv = norm_row_saving(
+                row,
+                &add[r * n..(r + 1) * n],
+                &norm.g,
+                &norm.b,
+                norm.eps,
+                xhat,
+            );
             unsafe { *ip.at(r) = inv };
         }
     });
@@ -296,7 +317,15 @@ thread_local! {
 
 /// Key or value `j` of one (row, head): the prefix's first, then the row's tokens.
 #[inline(always)]
-fn kv_row<'a>(prefix_block: &'a [f32], qkv_row0: &'a [f32], j: usize, p: usize, part: usize, s: &Shape, head: usize) -> &'a [f32] {
+fn kv_row<'a>(
+    prefix_block: &'a [f32],
+    qkv_row0: &'a [f32],
+    j: usize,
+    p: usize,
+    part: usize,
+    s: &Shape,
+    head: usize,
+) -> &'a [f32] {
     let (d, hd) = (s.head_dim, s.heads * s.head_dim);
     if j < p {
         &prefix_block[j * d..(j + 1) * d]
@@ -308,17 +337,36 @@ fn kv_row<'a>(prefix_block: &'a [f32], qkv_row0: &'a [f32], j: usize, p: usize, 
 impl HostBert {
     /// The training forward: `[B, Hd]` pooled vectors and what the backward needs. `prefix` is
     /// the trainable prefix as `[L, 2, H, P, D]`.
-    pub(crate) fn train_forward(&self, back: &Backward, batch: &HostBatch, prefix: &[f32], p: usize, drop: DropMask) -> (Vec<f32>, Saved) {
+    pub(crate) fn train_forward(
+        &self,
+        back: &Backward,
+        batch: &HostBatch,
+        prefix: &[f32],
+        p: usize,
+        drop: DropMask,
+    ) -> (Vec<f32>, Saved) {
         let (b, sl, hd) = (batch.rows, batch.seq_len, self.hidden);
         let (h, d) = (self.heads, hd / self.heads);
         let n = b * sl;
-        let s = Shape { seq: sl, heads: h, head_dim: d, p };
-        let block = |l: usize, kv: usize, head: usize| &prefix[(((l * 2 + kv) * h + head) * p) * d..][..p * d];
+        let s = Shape {
+            seq: sl,
+            heads: h,
+            head_dim: d,
+            p,
+        };
+        let block = |l: usize, kv: usize, head: usize| {
+            &prefix[(((l * 2 + kv) * h + head) * p) * d..][..p * d]
+        };
         let mut x = vec![0f32; n * hd];
         for (r, row) in x.chunks_exact_mut(hd).enumerate() {
-            let (w, t, q) = (batch.ids[r] as usize, batch.types[r] as usize, batch.positions[r] as usize);
+            let (w, t, q) = (
+                batch.ids[r] as usize,
+                batch.types[r] as usize,
+                batch.positions[r] as usize,
+            );
             for i in 0..hd {
-                row[i] = (self.word[w * hd + i] + self.token_type[t * hd + i]) + self.position[q * hd + i];
+                row[i] = (self.word[w * hd + i] + self.token_type[t * hd + i])
+                    + self.position[q * hd + i];
             }
         }
         self.emb_norm.residual(&mut x, &[]);
@@ -336,7 +384,10 @@ impl HostBert {
             ctx.clear();
             ctx.resize(rows * hd, 0.0);
             let site = drop.site(site_of(l, 0));
-            let (probs_ptr, ctx_ptr) = (ProbsPtr(ls.probs.as_mut_ptr()), CtxPtr::new(ctx.as_mut_ptr()));
+            let (probs_ptr, ctx_ptr) = (
+                ProbsPtr(ls.probs.as_mut_ptr()),
+                CtxPtr::new(ctx.as_mut_ptr()),
+            );
             let qkv = &ls.qkv;
             pool::for_each(b * h, |item| {
                 let (row, head) = (item / h, item % h);
@@ -349,7 +400,9 @@ impl HostBert {
                     let mut sc = sc.borrow_mut();
                     let sc = &mut *sc;
                     let keys = sc.b1.get_or_insert_with(PackedB::empty);
-                    keys.repack_transposed(d, t, |j| kv_row(block(l, 0, head), q0, j, p, 1, &s, head));
+                    keys.repack_transposed(d, t, |j| {
+                        kv_row(block(l, 0, head), q0, j, p, 1, &s, head)
+                    });
                     // SAFETY: item (row, head) owns its probs entry.
                     let probs = unsafe { &mut *probs_ptr.at(item) };
                     probs.resize(queries * t, 0.0);
@@ -365,14 +418,19 @@ impl HostBert {
                     values.repack(t, d, |j| kv_row(block(l, 1, head), q0, j, p, 2, &s, head));
                     // SAFETY: rows out_row.., columns head·D.. of ctx belong to this item.
                     let dst = unsafe {
-                        std::slice::from_raw_parts_mut(ctx_ptr.at(out_row * hd + head * d), (queries.max(1) - 1) * hd + d)
+                        std::slice::from_raw_parts_mut(
+                            ctx_ptr.at(out_row * hd + head * d),
+                            (queries.max(1) - 1) * hd + d,
+                        )
                     };
                     gemm_strided(&sc.a, t, queries, values, dst, hd);
                 });
             });
             // Output dense, dropout, residual, LayerNorm.
             let resid: Vec<f32> = if l == last {
-                (0..b).flat_map(|i| x[i * sl * hd..(i * sl + 1) * hd].iter().copied()).collect()
+                (0..b)
+                    .flat_map(|i| x[i * sl * hd..(i * sl + 1) * hd].iter().copied())
+                    .collect()
             } else {
                 std::mem::take(&mut x)
             };
@@ -385,7 +443,9 @@ impl HostBert {
             h_act.resize(ls.h_pre.len(), 0.0);
             let width = ls.h_pre.len() / rows.max(1);
             let src = &ls.h_pre;
-            rows_parallel(&mut h_act, width, |r0, chunk| gelu_slice(&src[r0 * width..r0 * width + chunk.len()], chunk));
+            rows_parallel(&mut h_act, width, |r0, chunk| {
+                gelu_slice(&src[r0 * width..r0 * width + chunk.len()], chunk)
+            });
             layer.out.forward(&h_act, rows, &mut o);
             drop.site(site_of(l, 2)).apply(&mut o, 0);
             norm_saving(&layer.out_norm, &mut o, &x_mid, &mut ls.ln2);
@@ -398,7 +458,13 @@ impl HostBert {
         for v in pooled.iter_mut() {
             *v = v.tanh();
         }
-        (pooled.clone(), Saved { layers: saved, pooled })
+        (
+            pooled.clone(),
+            Saved {
+                layers: saved,
+                pooled,
+            },
+        )
     }
 
     /// The gradient of the loss with respect to the prefix (`[L, 2, H, P, D]`), given its
@@ -417,16 +483,28 @@ impl HostBert {
         let (b, sl, hd) = (batch.rows, batch.seq_len, self.hidden);
         let (h, d) = (self.heads, hd / self.heads);
         let n = b * sl;
-        let s = Shape { seq: sl, heads: h, head_dim: d, p };
+        let s = Shape {
+            seq: sl,
+            heads: h,
+            head_dim: d,
+            p,
+        };
         let nl = self.layers.len();
         let last = nl - 1;
-        let block = |l: usize, kv: usize, head: usize| &prefix[(((l * 2 + kv) * h + head) * p) * d..][..p * d];
+        let block = |l: usize, kv: usize, head: usize| {
+            &prefix[(((l * 2 + kv) * h + head) * p) * d..][..p * d]
+        };
         let mut d_prefix = vec![0f32; nl * 2 * h * p * d];
         // Pooler: pooled = tanh(z), z = cls · W + b.
-        let dz: Vec<f32> = d_pooled.iter().zip(&saved.pooled).map(|(g, y)| g * (1.0 - y * y)).collect();
+        let dz: Vec<f32> = d_pooled
+            .iter()
+            .zip(&saved.pooled)
+            .map(|(g, y)| g * (1.0 - y * y))
+            .collect();
         let mut dx = Vec::new();
         gemm(&dz, b, &back.pooler, &mut dx, Epilogue::None);
-        let (mut dh, mut tmp, mut d_ctx, mut d_qkv) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut dh, mut tmp, mut d_ctx, mut d_qkv) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (l, ls) in saved.layers.into_iter().enumerate().rev() {
             let layer = &self.layers[l];
             let lb = &back.layers[l];
@@ -438,7 +516,9 @@ impl HostBert {
             gemm(&dx, rows, &lb.out, &mut dh, Epilogue::None);
             let width = dh.len() / rows.max(1);
             let pre = &ls.h_pre;
-            rows_parallel(&mut dh, width, |r0, chunk| gelu_back_slice(chunk, &pre[r0 * width..r0 * width + chunk.len()]));
+            rows_parallel(&mut dh, width, |r0, chunk| {
+                gelu_back_slice(chunk, &pre[r0 * width..r0 * width + chunk.len()])
+            });
             gemm(&dh, rows, &lb.inter, &mut tmp, Epilogue::None);
             for (a, t) in d_mid.iter_mut().zip(&tmp) {
                 *a += t;
@@ -453,7 +533,10 @@ impl HostBert {
             d_qkv.resize(n * 3 * hd, 0.0);
             let mut d_prefix_items = vec![0f32; b * h * 2 * p * d];
             let site = drop.site(site_of(l, 0));
-            let (dq_ptr, dp_ptr) = (CtxPtr::new(d_qkv.as_mut_ptr()), CtxPtr::new(d_prefix_items.as_mut_ptr()));
+            let (dq_ptr, dp_ptr) = (
+                CtxPtr::new(d_qkv.as_mut_ptr()),
+                CtxPtr::new(d_prefix_items.as_mut_ptr()),
+            );
             let (qkv, probs, d_ctx_ref) = (&ls.qkv, &ls.probs, &d_ctx);
             let scale = 1.0 / (d as f32).sqrt();
             pool::for_each(b * h, |item| {
@@ -473,7 +556,9 @@ impl HostBert {
                     let sc = &mut *sc;
                     // dP_drop = dctx · Vᵀ  [queries, t]
                     let vt = sc.b1.get_or_insert_with(PackedB::empty);
-                    vt.repack_transposed(d, t, |j| kv_row(block(l, 1, head), q0, j, p, 2, &s, head));
+                    vt.repack_transposed(d, t, |j| {
+                        kv_row(block(l, 1, head), q0, j, p, 2, &s, head)
+                    });
                     sc.d.clear();
                     sc.d.resize(queries * t, 0.0);
                     gemm_strided(dctx, hd, queries, vt, &mut sc.d, t);
@@ -483,10 +568,17 @@ impl HostBert {
                     for qi in 0..queries {
                         let first = prob_index(row, head, qi, 0, &s);
                         let rows = qi * t..(qi + 1) * t;
-                        probs_back(site, first, &pr[rows.clone()], &mut sc.d[rows.clone()], &mut sc.c2[rows], scale);
+                        probs_back(
+                            site,
+                            first,
+                            &pr[rows.clone()],
+                            &mut sc.d[rows.clone()],
+                            &mut sc.c2[rows],
+                            scale,
+                        );
                     }
                     transpose(&sc.c2, queries, t, &mut sc.a); // P_dropᵀ: [t, queries]
-                    // dV = P_dropᵀ · dctx  [t, D]
+                                                              // dV = P_dropᵀ · dctx  [t, D]
                     let dctx_b = sc.b2.get_or_insert_with(PackedB::empty);
                     dctx_b.repack(queries, d, |qi| &dctx[qi * hd..qi * hd + d]);
                     sc.c1.clear();
@@ -497,7 +589,10 @@ impl HostBert {
                     k_rows.repack(t, d, |j| kv_row(block(l, 0, head), q0, j, p, 1, &s, head));
                     // SAFETY: rows of this batch row, head's query columns: this item only.
                     let dq = unsafe {
-                        std::slice::from_raw_parts_mut(dq_ptr.at(row * sl * 3 * hd + head * d), (queries - 1) * 3 * hd + d)
+                        std::slice::from_raw_parts_mut(
+                            dq_ptr.at(row * sl * 3 * hd + head * d),
+                            (queries - 1) * 3 * hd + d,
+                        )
                     };
                     gemm_strided(&sc.d, t, queries, k_rows, dq, 3 * hd);
                     // dK = dSᵀ · Q  [t, D]
@@ -509,14 +604,24 @@ impl HostBert {
                     gemm_strided(&sc.a, queries, t, q_rows, &mut sc.c2, d);
                     // Split keys/values: prefix part → this item's slot, tokens → d_qkv.
                     // SAFETY: item's own d_prefix slot; its row's key/value columns of d_qkv.
-                    let dp = unsafe { std::slice::from_raw_parts_mut(dp_ptr.at(item * 2 * p * d), 2 * p * d) };
+                    let dp = unsafe {
+                        std::slice::from_raw_parts_mut(dp_ptr.at(item * 2 * p * d), 2 * p * d)
+                    };
                     dp[..p * d].copy_from_slice(&sc.c2[..p * d]);
                     dp[p * d..].copy_from_slice(&sc.c1[..p * d]);
                     for j in 0..len {
                         let base = (row * sl + j) * 3 * hd + head * d;
                         unsafe {
-                            std::ptr::copy_nonoverlapping(sc.c2.as_ptr().add((p + j) * d), dq_ptr.at(base + hd), d);
-                            std::ptr::copy_nonoverlapping(sc.c1.as_ptr().add((p + j) * d), dq_ptr.at(base + 2 * hd), d);
+                            std::ptr::copy_nonoverlapping(
+                                sc.c2.as_ptr().add((p + j) * d),
+                                dq_ptr.at(base + hd),
+                                d,
+                            );
+                            std::ptr::copy_nonoverlapping(
+                                sc.c1.as_ptr().add((p + j) * d),
+                                dq_ptr.at(base + 2 * hd),
+                                d,
+                            );
                         }
                     }
                 });
@@ -541,7 +646,10 @@ impl HostBert {
             gemm(&d_qkv, n, &lb.qkv, &mut dx, Epilogue::None);
             if l == last {
                 for i in 0..b {
-                    for (x, r) in dx[i * sl * hd..(i * sl + 1) * hd].iter_mut().zip(&resid[i * hd..(i + 1) * hd]) {
+                    for (x, r) in dx[i * sl * hd..(i * sl + 1) * hd]
+                        .iter_mut()
+                        .zip(&resid[i * hd..(i + 1) * hd])
+                    {
                         *x += r;
                     }
                 }
@@ -587,7 +695,6 @@ impl ProbsPtr {
     }
 }
 
-
 /// The whole training encoder as one candle op on the prefix `[L, 2, H, P, D]`: candle's autograd
 /// sees prefix → pooled `[B, Hd]`, and its backward is [`HostBert::train_backward`]. What the
 /// forward keeps for the backward lives in the op, which the autograd graph holds until the
@@ -617,9 +724,18 @@ impl candle_core::CustomOp1 for EncoderTrain {
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("encoder-train: the prefix must be contiguous");
         };
-        let (pooled, saved) = self.host.train_forward(&self.back, &self.batch, &data[start..end], self.p, self.drop);
+        let (pooled, saved) = self.host.train_forward(
+            &self.back,
+            &self.batch,
+            &data[start..end],
+            self.p,
+            self.drop,
+        );
         *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
-        Ok((candle_core::CpuStorage::F32(pooled), (self.batch.rows, self.host.hidden).into()))
+        Ok((
+            candle_core::CpuStorage::F32(pooled),
+            (self.batch.rows, self.host.hidden).into(),
+        ))
     }
 
     fn bwd(
@@ -633,9 +749,19 @@ impl candle_core::CustomOp1 for EncoderTrain {
         };
         let prefix: Vec<f32> = arg.flatten_all()?.to_vec1()?;
         let d_pooled: Vec<f32> = grad_res.flatten_all()?.to_vec1()?;
-        let d = self
-            .host
-            .train_backward(&self.back, &self.batch, &prefix, self.p, self.drop, saved, &d_pooled);
-        Ok(Some(candle_core::Tensor::from_vec(d, arg.shape(), arg.device())?))
+        let d = self.host.train_backward(
+            &self.back,
+            &self.batch,
+            &prefix,
+            self.p,
+            self.drop,
+            saved,
+            &d_pooled,
+        );
+        Ok(Some(candle_core::Tensor::from_vec(
+            d,
+            arg.shape(),
+            arg.device(),
+        )?))
     }
 }

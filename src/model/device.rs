@@ -35,7 +35,9 @@ impl FromStr for DeviceSpec {
                     .parse()
                     .map(Self::Cuda)
                     .map_err(|_| format!("bad GPU ordinal in {s:?}: expected cuda:N")),
-                None => Err(format!("unknown device {s:?}: expected cpu, cuda, cuda:N or auto")),
+                None => Err(format!(
+                    "unknown device {s:?}: expected cpu, cuda, cuda:N or auto"
+                )),
             },
         }
     }
@@ -113,7 +115,9 @@ impl FromStr for Precision {
             "f32" | "fp32" | "float32" => Ok(Self::F32),
             "bf16" | "bfloat16" => Ok(Self::Bf16),
             "f16" | "fp16" | "float16" | "half" => Ok(Self::F16),
-            other => Err(format!("unknown dtype {other:?}: expected f32, bf16 or f16")),
+            other => Err(format!(
+                "unknown dtype {other:?}: expected f32, bf16 or f16"
+            )),
         }
     }
 }

@@ -15,7 +15,6 @@
 //! Results are f32 with FMA accumulation in k order: they differ from other BLASes only by
 //! rounding (parity with PEFT is unchanged, and tested).
 
-
 use super::isa::{self, Isa};
 use super::kernels::gelu;
 
@@ -235,7 +234,18 @@ unsafe fn block(
                 continue;
             }
             // The last, partial panel: a full-width scratch tile, then the live columns.
-            kernel(b.isa, live, k, ap, lda, bp, scratch.as_mut_ptr(), nr, std::ptr::null(), false);
+            kernel(
+                b.isa,
+                live,
+                k,
+                ap,
+                lda,
+                bp,
+                scratch.as_mut_ptr(),
+                nr,
+                std::ptr::null(),
+                false,
+            );
             for i in 0..live {
                 for jj in 0..cols {
                     let mut v = scratch[i * nr + jj] + bias.map_or(0.0, |b| b[jj]);
@@ -258,7 +268,18 @@ unsafe fn block(
 /// `a`: `rows` rows of k floats, `lda` apart; `b`: a k × NR panel; `c`: `rows` rows of NR
 /// writable floats, `ldc` apart.
 #[allow(clippy::too_many_arguments)]
-unsafe fn kernel(isa: Isa, rows: usize, k: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, bias: *const f32, gelu: bool) {
+unsafe fn kernel(
+    isa: Isa,
+    rows: usize,
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    bias: *const f32,
+    gelu: bool,
+) {
     macro_rules! by_rows {
         ($f:ident, $($r:literal)*) => {
             match rows {
@@ -279,7 +300,17 @@ unsafe fn kernel(isa: Isa, rows: usize, k: usize, a: *const f32, lda: usize, b: 
 /// The portable kernel (and the baseline x86-64 one), up to 4 rows × 8 columns: plain loops the
 /// compiler vectorizes.
 #[allow(clippy::too_many_arguments)]
-unsafe fn kernel_4x8(rows: usize, k: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, bias: *const f32, gelu: bool) {
+unsafe fn kernel_4x8(
+    rows: usize,
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    bias: *const f32,
+    gelu: bool,
+) {
     let mut acc = [[0f32; 8]; 4];
     for p in 0..k {
         let bv = std::slice::from_raw_parts(b.add(p * 8), 8);
@@ -322,7 +353,16 @@ mod x86 {
     /// AVX2 + FMA, R ≤ 6 rows × 16 columns: 2R accumulators, 2 B loads and R broadcasts per k.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn kernel_x16<const R: usize>(k: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, bias: *const f32, gelu: bool) {
+    pub(super) unsafe fn kernel_x16<const R: usize>(
+        k: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        bias: *const f32,
+        gelu: bool,
+    ) {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         for p in 0..k {
             let b0 = _mm256_loadu_ps(b.add(p * 16));
@@ -351,7 +391,16 @@ mod x86 {
     /// AVX-512, R ≤ 12 rows × 32 columns: 2R accumulators, 2 B loads and R broadcasts per k.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn kernel_x32<const R: usize>(k: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, bias: *const f32, gelu: bool) {
+    pub(super) unsafe fn kernel_x32<const R: usize>(
+        k: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        bias: *const f32,
+        gelu: bool,
+    ) {
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         for p in 0..k {
             let b0 = _mm512_loadu_ps(b.add(p * 32));
@@ -381,8 +430,12 @@ mod x86 {
 /// GFLOP/s of [`gemm`] at `m × k × n` with random data, best of `reps` calls after one warm-up
 /// (`prefixd bench --kernels`: what the matrix kernels do on this CPU, apart from the model).
 pub fn measure(m: usize, k: usize, n: usize, reps: usize) -> f64 {
-    let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
-    let w: Vec<f32> = (0..k * n).map(|i| ((i * 104729) % 1000) as f32 / 1000.0 - 0.5).collect();
+    let a: Vec<f32> = (0..m * k)
+        .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+        .collect();
+    let w: Vec<f32> = (0..k * n)
+        .map(|i| ((i * 104729) % 1000) as f32 / 1000.0 - 0.5)
+        .collect();
     let b = PackedB::pack(&w, k, n);
     let mut c = Vec::new();
     gemm(&a, m, &b, &mut c, Epilogue::None);
@@ -426,17 +479,29 @@ mod tests {
         gemm_strided(&a, 41, m, &b, &mut c, 40);
         for i in 0..m {
             for j in 0..n {
-                let want: f64 = (0..k).map(|p| a[i * 41 + p] as f64 * keys[j * 40 + p] as f64).sum::<f64>();
+                let want: f64 = (0..k)
+                    .map(|p| a[i * 41 + p] as f64 * keys[j * 40 + p] as f64)
+                    .sum::<f64>();
                 assert!((c[i * 40 + j] as f64 - want).abs() < 1e-4, "({i}, {j})");
             }
-            assert!(c[i * 40 + n..i * 40 + 40].iter().all(|&v| v == 0.5), "wrote past n");
+            assert!(
+                c[i * 40 + n..i * 40 + 40].iter().all(|&v| v == 0.5),
+                "wrote past n"
+            );
         }
     }
 
     #[test]
     fn matches_a_float64_reference_at_odd_and_model_shapes() {
         let mut rng = StdRng::seed_from_u64(1);
-        for &(m, k, n) in &[(1, 1, 1), (5, 7, 3), (13, 384, 33), (14, 384, 1152), (97, 50, 70), (200, 64, 384)] {
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (5, 7, 3),
+            (13, 384, 33),
+            (14, 384, 1152),
+            (97, 50, 70),
+            (200, 64, 384),
+        ] {
             let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
             let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
             let bias: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
@@ -449,10 +514,18 @@ mod tests {
             for (i, w) in want.iter().enumerate() {
                 let w = w + bias[i % n] as f64;
                 let tol = 1e-4 * (1.0 + k as f64).sqrt();
-                assert!(((c[i] as f64) - w).abs() < tol, "{m}×{k}×{n} at {i}: {} vs {w}", c[i]);
+                assert!(
+                    ((c[i] as f64) - w).abs() < tol,
+                    "{m}×{k}×{n} at {i}: {} vs {w}",
+                    c[i]
+                );
                 // The epilogue's GELU is the library's (tested against libm's erf in kernels.rs).
                 let gw = crate::model::kernels::gelu(c[i]);
-                assert!((g[i] - gw).abs() <= 1e-6 * (1.0 + gw.abs()), "gelu {m}×{k}×{n} at {i}: {} vs {gw}", g[i]);
+                assert!(
+                    (g[i] - gw).abs() <= 1e-6 * (1.0 + gw.abs()),
+                    "gelu {m}×{k}×{n} at {i}: {} vs {gw}",
+                    g[i]
+                );
             }
         }
     }

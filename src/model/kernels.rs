@@ -17,7 +17,13 @@ const MAGIC: f32 = 12_582_912.0;
 /// saturating cast made the compiler fall back to scalar code, one element at a time).
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
-    let x = if x < -87.3 { -87.3 } else if x > 88.7 { 88.7 } else { x };
+    let x = if x < -87.3 {
+        -87.3
+    } else if x > 88.7 {
+        88.7
+    } else {
+        x
+    };
     let z = x * std::f32::consts::LOG2_E + MAGIC;
     let n = z - MAGIC;
     let r = x - n * 0.693_359_4;
@@ -30,7 +36,10 @@ pub(crate) fn exp(x: f32) -> f32 {
     p = p * r + 5e-1;
     let e = p * (r * r) + r + 1.0;
     // z's bits are MAGIC's plus n: add the exponent bias, shift into place.
-    let two_n = z.to_bits().wrapping_add(127u32.wrapping_sub(MAGIC.to_bits())) << 23;
+    let two_n = z
+        .to_bits()
+        .wrapping_add(127u32.wrapping_sub(MAGIC.to_bits()))
+        << 23;
     e * f32::from_bits(two_n)
 }
 

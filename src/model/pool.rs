@@ -123,7 +123,9 @@ pub(crate) fn for_each(n: usize, f: impl Fn(usize) + Sync) {
     let sequential = n == 1
         || p.helpers.is_empty()
         || INSIDE.with(|i| i.get())
-        || s.running.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_err();
+        || s.running
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err();
     if sequential {
         (0..n).for_each(f);
         return;
@@ -132,7 +134,12 @@ pub(crate) fn for_each(n: usize, f: impl Fn(usize) + Sync) {
     // SAFETY: erases the borrow's lifetime; it is not used after this function returns (below,
     // every helper has decremented `busy` before we do).
     let job = Job {
-        f: unsafe { std::mem::transmute::<*const (dyn Fn(usize) + Sync + '_), *const (dyn Fn(usize) + Sync + 'static)>(f) },
+        f: unsafe {
+            std::mem::transmute::<
+                *const (dyn Fn(usize) + Sync + '_),
+                *const (dyn Fn(usize) + Sync + 'static),
+            >(f)
+        },
         n,
     };
     s.next.store(0, Ordering::Release);

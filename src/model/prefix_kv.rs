@@ -51,7 +51,10 @@ impl PrefixKv {
                 for head in 0..h {
                     for t in 0..p {
                         let src = t * row_width + (2 * l + kv) * hidden + head * d;
-                        for (o, &x) in out[at..at + d].iter_mut().zip(&prompt_embeddings[src..src + d]) {
+                        for (o, &x) in out[at..at + d]
+                            .iter_mut()
+                            .zip(&prompt_embeddings[src..src + d])
+                        {
                             o.write(x);
                         }
                         at += d;
@@ -121,7 +124,13 @@ impl PrefixKv {
                 return Ok(t.clone());
             }
         }
-        let shape = (self.layers, 2, self.heads, self.num_virtual_tokens, self.head_dim);
+        let shape = (
+            self.layers,
+            2,
+            self.heads,
+            self.num_virtual_tokens,
+            self.head_dim,
+        );
         let t = Tensor::from_slice(&self.data, shape, device)?.to_dtype(dtype)?;
         if !device.is_cpu() {
             let _ = self.on_device.set(t.clone());

@@ -167,7 +167,11 @@ impl CustomOp1 for LayerNorm {
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let g = grad.broadcast_mul(&self.weight)?.contiguous()?;
         if !arg.device().is_cpu() {
-            return Ok(Some(layer_norm_grad_composed(&arg.contiguous()?, &g, self.eps)?));
+            return Ok(Some(layer_norm_grad_composed(
+                &arg.contiguous()?,
+                &g,
+                self.eps,
+            )?));
         }
         Ok(Some(
             arg.contiguous()?
@@ -376,9 +380,16 @@ mod tests {
         // The composed backward used off the CPU gives the CPU kernel's gradient.
         let x = Tensor::randn(0f32, 1.0, (3, 5), &dev).unwrap();
         let g = Tensor::randn(0f32, 1.0, (3, 5), &dev).unwrap();
-        let kernel = x.apply_op2_no_bwd(&g, &LayerNormGrad { eps: 1e-5 }).unwrap();
+        let kernel = x
+            .apply_op2_no_bwd(&g, &LayerNormGrad { eps: 1e-5 })
+            .unwrap();
         let composed = layer_norm_grad_composed(&x, &g, 1e-5).unwrap();
-        let d = (kernel - composed).unwrap().abs().unwrap().max_all().unwrap();
+        let d = (kernel - composed)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
         assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
     }
 
@@ -398,7 +409,10 @@ mod tests {
                 assert!((want - *g as f64).abs() < 1e-6, "softmax {g} vs {want}");
             }
         }
-        let (gamma, beta) = (vec![1.5f32, -0.5, 2.0, 1.0, 0.25, 1.0], vec![0.1f32, 0.0, -0.2, 0.3, 0.0, 0.5]);
+        let (gamma, beta) = (
+            vec![1.5f32, -0.5, 2.0, 1.0, 0.25, 1.0],
+            vec![0.1f32, 0.0, -0.2, 0.3, 0.0, 0.5],
+        );
         let ln = x
             .apply_op1(LayerNorm {
                 weight: Tensor::new(gamma.as_slice(), &dev).unwrap(),
@@ -413,7 +427,8 @@ mod tests {
             let mean = r.iter().map(|&v| v as f64).sum::<f64>() / n;
             let var = r.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
             for (i, (v, g)) in r.iter().zip(g).enumerate() {
-                let want = (*v as f64 - mean) / (var + 1e-5).sqrt() * gamma[i] as f64 + beta[i] as f64;
+                let want =
+                    (*v as f64 - mean) / (var + 1e-5).sqrt() * gamma[i] as f64 + beta[i] as f64;
                 assert!((want - *g as f64).abs() < 1e-5, "layer norm {g} vs {want}");
             }
         }

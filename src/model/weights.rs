@@ -34,7 +34,10 @@ pub const KNOWN_MODELS: &[(&str, &str)] = &[(
 
 /// The hub id of the weights with this fingerprint, if they are in [`KNOWN_MODELS`].
 pub fn known_hub_id(fingerprint: &str) -> Option<&'static str> {
-    KNOWN_MODELS.iter().find(|(fp, _)| *fp == fingerprint).map(|(_, id)| *id)
+    KNOWN_MODELS
+        .iter()
+        .find(|(fp, _)| *fp == fingerprint)
+        .map(|(_, id)| *id)
 }
 
 /// Reads the checkpoint's tensors by their module path, hiding the `bert.` prefix that

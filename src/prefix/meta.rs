@@ -68,9 +68,12 @@ impl BaseModel {
 
     /// The hub id of the weights this prefix was made on: recorded, else known by fingerprint.
     pub fn resolved_hub_id(&self) -> Option<String> {
-        self.hub_id
-            .clone()
-            .or_else(|| self.fingerprint.as_deref().and_then(crate::model::known_hub_id).map(str::to_string))
+        self.hub_id.clone().or_else(|| {
+            self.fingerprint
+                .as_deref()
+                .and_then(crate::model::known_hub_id)
+                .map(str::to_string)
+        })
     }
 }
 

@@ -194,7 +194,9 @@ pub fn import_bytes(
             kind: "peft_import".into(),
             details,
         },
-        max_length: opts.max_length.or_else(|| sidecar.as_ref().and_then(|s| s.max_length)),
+        max_length: opts
+            .max_length
+            .or_else(|| sidecar.as_ref().and_then(|s| s.max_length)),
     };
     let file = PrefixFile::new(meta, prompt, weight, bias)?;
     super::check_against_model(&file, model)?;
@@ -255,7 +257,14 @@ fn export_base_id(file: &PrefixFile, opts: &ExportOptions) -> Option<String> {
         .or_else(|| file.meta.base_model.resolved_hub_id())
         .or_else(|| {
             (file.meta.source.kind == "peft_import")
-                .then(|| file.meta.source.details.get("base_model_name_or_path")?.as_str().map(str::to_string))
+                .then(|| {
+                    file.meta
+                        .source
+                        .details
+                        .get("base_model_name_or_path")?
+                        .as_str()
+                        .map(str::to_string)
+                })
                 .flatten()
         })
 }
@@ -330,16 +339,29 @@ pub fn export_dir_with(file: &PrefixFile, dir: &Path, opts: &ExportOptions) -> R
     write_atomic(&path, &pretty(&config))?;
     write_atomic(&dir.join(WEIGHTS_FILE), &weights)?;
     write_atomic(&dir.join(SIDECAR_FILE), &pretty(&sidecar))?;
-    write_atomic(&dir.join(CARD_FILE), model_card(file, base_id.as_deref()).as_bytes())?;
-    Ok(Exported { base_model_id: base_id })
+    write_atomic(
+        &dir.join(CARD_FILE),
+        model_card(file, base_id.as_deref()).as_bytes(),
+    )?;
+    Ok(Exported {
+        base_model_id: base_id,
+    })
 }
 
 fn id2label(labels: &[String]) -> serde_json::Map<String, serde_json::Value> {
-    labels.iter().enumerate().map(|(i, l)| (i.to_string(), l.clone().into())).collect()
+    labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i.to_string(), l.clone().into()))
+        .collect()
 }
 
 fn label2id(labels: &[String]) -> serde_json::Map<String, serde_json::Value> {
-    labels.iter().enumerate().map(|(i, l)| (l.clone(), i.into())).collect()
+    labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.clone(), i.into()))
+        .collect()
 }
 
 /// A Hugging Face model card: the front matter the Hub and PEFT read (`base_model`,
@@ -348,17 +370,23 @@ fn label2id(labels: &[String]) -> serde_json::Map<String, serde_json::Value> {
 fn model_card(file: &PrefixFile, base_id: Option<&str>) -> String {
     let m = &file.meta;
     let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
-    let id2label = m.labels.iter().enumerate().map(|(i, l)| format!("{i}: {}", q(l))).collect::<Vec<_>>();
+    let id2label = m
+        .labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| format!("{i}: {}", q(l)))
+        .collect::<Vec<_>>();
     let problem = match m.problem_type {
         ProblemType::SingleLabel => "single_label_classification",
         ProblemType::MultiLabel => "multi_label_classification",
     };
-    let (front, base_expr, base_note) = match base_id {
-        Some(id) => (format!("base_model: {}\n", q(id)), q(id), String::new()),
-        None => (
-            String::new(),
-            q("PATH/TO/THE/BASE/MODEL"),
-            format!(
+    let (front, base_expr, base_note) =
+        match base_id {
+            Some(id) => (format!("base_model: {}\n", q(id)), q(id), String::new()),
+            None => (
+                String::new(),
+                q("PATH/TO/THE/BASE/MODEL"),
+                format!(
                 "\n**The base model's hub id is unknown** to prefixd (its weights: `{}`, calling \
                  itself {}). Load those exact weights: another checkpoint, even of the same shape, \
                  computes something else. `adapter_config.json` leaves `base_model_name_or_path` \
@@ -366,9 +394,11 @@ fn model_card(file: &PrefixFile, base_id: Option<&str>) -> String {
                 m.base_model.fingerprint.as_deref().unwrap_or("no fingerprint recorded"),
                 q(&m.base_model.name)
             ),
-        ),
-    };
-    let max_length = m.max_length.map_or(String::new(), |n| format!(", truncation=True, max_length={n}"));
+            ),
+        };
+    let max_length = m.max_length.map_or(String::new(), |n| {
+        format!(", truncation=True, max_length={n}")
+    });
     format!(
         "---\n{front}library_name: peft\npipeline_tag: text-classification\ntags:\n- prefix-tuning\n- prefixd\n---\n\n\
          # {task}\n\n\

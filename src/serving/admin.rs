@@ -12,11 +12,11 @@ use tokio::sync::Semaphore;
 use utoipa::ToSchema;
 
 use super::api::TaskInfo;
-use super::error::{ApiError, ErrorBody};
 use super::auth::{bearer, constant_time_eq, refuse};
+use super::error::{ApiError, ErrorBody};
+use super::registry::{valid_task_name, RegistryError};
 use super::AppState;
 use crate::prefix::peft::{ImportOptions, CONFIG_FILE, WEIGHTS_FILE};
-use super::registry::{valid_task_name, RegistryError};
 use crate::prefix::ProblemType;
 
 /// Admin access: the token, and the upload slots.
@@ -47,14 +47,18 @@ impl Admin {
             ));
         };
         let given = bearer(authorization).ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    "missing Authorization: Bearer <admin token>",
-                )
-            })?;
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing Authorization: Bearer <admin token>",
+            )
+        })?;
         if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
-            return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "wrong admin token"));
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "wrong admin token",
+            ));
         }
         Ok(())
     }
@@ -63,7 +67,11 @@ impl Admin {
 /// Runs before the body is read (it is the outer layer of the admin routes): who is asking, and
 /// whether an upload slot is free, are settled first, so an unauthorized or excess upload costs
 /// no memory. (Sixteen 60 MB PUTs without a token used to be buffered whole, then refused.)
-pub async fn authorize(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+pub async fn authorize(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let auth = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -102,7 +110,12 @@ impl<S: Send + Sync> FromRequestParts<S> for TaskName {
         let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_task_name", m);
         let Path(name) = Path::<String>::from_request_parts(parts, state)
             .await
-            .map_err(|e| bad(format!("the task name in the path is unreadable: {}", e.body_text())))?;
+            .map_err(|e| {
+                bad(format!(
+                    "the task name in the path is unreadable: {}",
+                    e.body_text()
+                ))
+            })?;
         if !valid_task_name(&name) {
             return Err(bad(RegistryError::InvalidName(name).to_string()));
         }
@@ -254,9 +267,16 @@ async fn read_peft_form(mut form: Multipart) -> Result<PeftForm, ApiError> {
             }
             ("max_length", _) => {
                 let s = String::from_utf8_lossy(&data);
-                let n = s.trim().parse::<usize>().ok().filter(|&n| n >= 2).ok_or_else(|| {
-                    bad(format!("max_length {s:?}: expected a whole number of tokens, at least 2"))
-                })?;
+                let n = s
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|&n| n >= 2)
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "max_length {s:?}: expected a whole number of tokens, at least 2"
+                        ))
+                    })?;
                 options.max_length = Some(n);
             }
             _ => return Err(bad(format!("unexpected form field {key:?}"))),

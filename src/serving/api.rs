@@ -272,7 +272,11 @@ pub(super) struct Books {
 
 impl Books {
     pub(super) fn start() -> Self {
-        Self { start: Instant::now(), task: "unknown".into(), rows: 0 }
+        Self {
+            start: Instant::now(),
+            task: "unknown".into(),
+            rows: 0,
+        }
     }
 
     /// Names the task, once it is known to be registered: only registered names become metric
@@ -287,14 +291,20 @@ impl Books {
         self.rows = rows;
     }
 
-    pub(super) fn finish(self, state: &AppState, result: Result<impl IntoResponse, ApiError>) -> Response {
+    pub(super) fn finish(
+        self,
+        state: &AppState,
+        result: Result<impl IntoResponse, ApiError>,
+    ) -> Response {
         let status = match &result {
             Ok(_) => StatusCode::OK,
             Err(e) => e.status,
         };
         let m = &state.metrics;
         let label = m.task_label(&self.task);
-        m.requests.with_label_values(&[label, status.as_str()]).inc();
+        m.requests
+            .with_label_values(&[label, status.as_str()])
+            .inc();
         m.request_duration
             .with_label_values(&[label])
             .observe(self.start.elapsed().as_secs_f64());
@@ -304,7 +314,10 @@ impl Books {
         let mut response = result.into_response();
         response
             .extensions_mut()
-            .insert(super::observe::AccessNote { task: self.task, rows: self.rows });
+            .insert(super::observe::AccessNote {
+                task: self.task,
+                rows: self.rows,
+            });
         response
     }
 }
@@ -354,11 +367,21 @@ pub async fn list_tasks(
     let axum::extract::Query(q) = query.map_err(|e| ApiError::invalid_input(e.body_text()))?;
     let limit = q.limit.unwrap_or(MAX_PAGE);
     if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::invalid_input(format!("limit {limit}: expected 1 to {MAX_PAGE}")));
+        return Err(ApiError::invalid_input(format!(
+            "limit {limit}: expected 1 to {MAX_PAGE}"
+        )));
     }
-    let page = state.infer.registry().page(q.prefix.as_deref().unwrap_or(""), q.after.as_deref(), limit);
+    let page =
+        state
+            .infer
+            .registry()
+            .page(q.prefix.as_deref().unwrap_or(""), q.after.as_deref(), limit);
     Ok(Json(TaskList {
-        tasks: page.tasks.iter().map(|l| TaskInfo::new(l, state.infer.text())).collect(),
+        tasks: page
+            .tasks
+            .iter()
+            .map(|l| TaskInfo::new(l, state.infer.text()))
+            .collect(),
         total: page.total,
         next_after: page.next_after,
     }))
@@ -403,7 +426,10 @@ pub async fn health(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Sta
         (StatusCode::OK, Status::new("ok", None))
     } else {
         let reason = Some("the model thread has stopped".to_string());
-        (StatusCode::SERVICE_UNAVAILABLE, Status::new("unavailable", reason))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Status::new("unavailable", reason),
+        )
     }
 }
 
@@ -417,10 +443,16 @@ pub async fn health(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Sta
 )]
 pub async fn ready(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Status>) {
     if state.is_draining() {
-        return (StatusCode::SERVICE_UNAVAILABLE, Status::new("draining", None));
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Status::new("draining", None),
+        );
     }
     match state.infer.batcher().health().problem() {
-        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, Status::new("unavailable", Some(reason))),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Status::new("unavailable", Some(reason)),
+        ),
         None => (StatusCode::OK, Status::new("ready", None)),
     }
 }

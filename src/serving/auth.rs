@@ -37,7 +37,12 @@ pub struct ApiKeys(Vec<String>);
 
 impl ApiKeys {
     pub fn new(keys: impl IntoIterator<Item = String>) -> Self {
-        Self(keys.into_iter().map(|k| k.trim().to_string()).filter(|k| !k.is_empty()).collect())
+        Self(
+            keys.into_iter()
+                .map(|k| k.trim().to_string())
+                .filter(|k| !k.is_empty())
+                .collect(),
+        )
     }
 
     pub fn required(&self) -> bool {
@@ -49,20 +54,39 @@ impl ApiKeys {
             return Ok(());
         }
         let given = bearer(authorization).ok_or_else(|| {
-            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing Authorization: Bearer <API key>")
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing Authorization: Bearer <API key>",
+            )
         })?;
         // Every key is compared, so the time taken does not say which one came close.
-        let hits = self.0.iter().filter(|k| constant_time_eq(given.as_bytes(), k.as_bytes())).count();
+        let hits = self
+            .0
+            .iter()
+            .filter(|k| constant_time_eq(given.as_bytes(), k.as_bytes()))
+            .count();
         if hits == 0 {
-            return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "wrong API key"));
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "wrong API key",
+            ));
         }
         Ok(())
     }
 }
 
 /// Middleware for the inference and listing routes.
-pub async fn require_api_key(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    let auth = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+pub async fn require_api_key(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let auth = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
     match state.api_keys.check(auth) {
         Ok(()) => next.run(request).await,
         Err(e) => refuse(request, e).await,

@@ -283,7 +283,8 @@ impl Batcher {
         let mut forward = Vec::new();
         for job in &batch {
             if job.span.id().is_some() && !forward.iter().any(|(id, _)| *id == job.span.id()) {
-                let span = tracing::debug_span!(parent: &job.span, "forward", batch_rows = batch.len());
+                let span =
+                    tracing::debug_span!(parent: &job.span, "forward", batch_rows = batch.len());
                 forward.push((job.span.id(), span));
             }
         }
@@ -562,7 +563,8 @@ mod tests {
     #[test]
     fn the_model_thread_survives_panics_and_reports_its_health() {
         let metrics = Arc::new(Metrics::new().unwrap());
-        let (batcher, thread) = Batcher::start(Flaky, BatcherConfig::default(), metrics.clone()).unwrap();
+        let (batcher, thread) =
+            Batcher::start(Flaky, BatcherConfig::default(), metrics.clone()).unwrap();
         let t = task(2);
         let ask = |id| {
             let (job, rx) = one(&t, id);
@@ -584,7 +586,10 @@ mod tests {
         thread.join().unwrap();
         assert!(!batcher.health().alive());
         let (job, _rx) = one(&t, 1);
-        assert!(matches!(batcher.submit(vec![job]), Err(SubmitError::ModelGone)));
+        assert!(matches!(
+            batcher.submit(vec![job]),
+            Err(SubmitError::ModelGone)
+        ));
     }
 
     /// A backend that takes its time, so rows queue up behind it.
@@ -618,9 +623,15 @@ mod tests {
             .collect();
         std::thread::sleep(std::time::Duration::from_millis(50)); // the first batch is running
         batcher.abort();
-        let answers: Vec<_> = replies.into_iter().map(|rx| rx.blocking_recv().unwrap()).collect();
+        let answers: Vec<_> = replies
+            .into_iter()
+            .map(|rx| rx.blocking_recv().unwrap())
+            .collect();
         assert!(answers[0].is_ok(), "the running batch finishes");
-        assert!(answers[1..].iter().all(|a| *a == Err(JobError::Shutdown)), "{answers:?}");
+        assert!(
+            answers[1..].iter().all(|a| *a == Err(JobError::Shutdown)),
+            "{answers:?}"
+        );
         thread.join().unwrap();
     }
 

@@ -57,7 +57,8 @@ pub async fn buffer_body(limits: BodyLimits, request: Request, next: Next) -> Re
             Ok(Some(Err(e))) => {
                 let message = format!("reading the request body failed (it ended early?): {e}");
                 return closing(
-                    ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message).into_response(),
+                    ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+                        .into_response(),
                 );
             }
             Err(_) => {
@@ -73,7 +74,8 @@ pub async fn buffer_body(limits: BodyLimits, request: Request, next: Next) -> Re
                     )
                 };
                 return closing(
-                    ApiError::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", message).into_response(),
+                    ApiError::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", message)
+                        .into_response(),
                 );
             }
         };
@@ -91,7 +93,10 @@ pub async fn buffer_body(limits: BodyLimits, request: Request, next: Next) -> Re
         }
     }
     if total > limits.max_bytes {
-        let message = format!("the request body exceeds the limit of {} bytes", limits.max_bytes);
+        let message = format!(
+            "the request body exceeds the limit of {} bytes",
+            limits.max_bytes
+        );
         return closing(ApiError::too_large(message).into_response());
     }
     next.run(Request::from_parts(parts, Body::from(buf.freeze())))

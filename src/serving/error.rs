@@ -104,9 +104,11 @@ impl From<SubmitError> for ApiError {
                 Self::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", e.to_string())
             }
             SubmitError::Closed => Self::draining(),
-            SubmitError::ModelGone => {
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, "model_unavailable", e.to_string())
-            }
+            SubmitError::ModelGone => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "model_unavailable",
+                e.to_string(),
+            ),
         }
     }
 }

@@ -106,7 +106,9 @@ async fn predict_inner(
         }
     };
     if req.parameters.top_k == Some(0) {
-        return Err(ApiError::invalid_input("parameters.top_k must be at least 1"));
+        return Err(ApiError::invalid_input(
+            "parameters.top_k must be at least 1",
+        ));
     }
     let done = state.infer.classify(task, parse_inputs(&inputs)?).await?;
     let apply = apply.unwrap_or(match done.task.problem_type() {
@@ -122,7 +124,10 @@ async fn predict_inner(
                 let mut out: Vec<LabelScore> = labels
                     .iter()
                     .zip(scores)
-                    .map(|(l, score)| LabelScore { label: l.clone(), score })
+                    .map(|(l, score)| LabelScore {
+                        label: l.clone(),
+                        score,
+                    })
                     .collect();
                 out.sort_by(|a, b| b.score.total_cmp(&a.score));
                 out.truncate(req.parameters.top_k.unwrap_or(usize::MAX));

@@ -63,7 +63,12 @@ pub enum InferError {
 }
 
 impl Infer {
-    pub fn new(registry: Registry, text: TextEncoder, batcher: Batcher, limits: InputLimits) -> Self {
+    pub fn new(
+        registry: Registry,
+        text: TextEncoder,
+        batcher: Batcher,
+        limits: InputLimits,
+    ) -> Self {
         Self {
             shared: Arc::new(Shared {
                 registry,
@@ -101,7 +106,11 @@ impl Infer {
 
     /// Classifies `inputs` with task `name`: all rows are admitted together or refused together,
     /// and every row runs on the task version current at admission.
-    pub async fn classify(&self, name: &str, inputs: Vec<TextInput>) -> Result<Classified, InferError> {
+    pub async fn classify(
+        &self,
+        name: &str,
+        inputs: Vec<TextInput>,
+    ) -> Result<Classified, InferError> {
         let task = self.task(name)?;
         self.check(&inputs)?;
         let text = self.shared.text.clone();
@@ -164,7 +173,10 @@ impl Infer {
             )));
         }
         for (i, input) in inputs.iter().enumerate() {
-            for (what, s) in [("text", Some(&input.text)), ("text_pair", input.text_pair.as_ref())] {
+            for (what, s) in [
+                ("text", Some(&input.text)),
+                ("text_pair", input.text_pair.as_ref()),
+            ] {
                 if s.is_some_and(|s| s.chars().count() > l.max_text_chars) {
                     return Err(InferError::TooLarge(format!(
                         "inputs[{i}].{what} is longer than {} characters",

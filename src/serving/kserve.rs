@@ -196,7 +196,11 @@ async fn infer_inner(
             .ok()
             .and_then(|s| s.trim().parse::<usize>().ok())
             .filter(|&n| n <= body.len())
-            .ok_or_else(|| bad(format!("{BINARY_HEADER} must be a byte count within the body")))?,
+            .ok_or_else(|| {
+                bad(format!(
+                    "{BINARY_HEADER} must be a byte count within the body"
+                ))
+            })?,
     };
     let req: InferRequest = serde_json::from_slice(&body[..json_len])
         .map_err(|e| ApiError::invalid_input(format!("not an inference request: {e}")))?;
@@ -233,7 +237,10 @@ async fn infer_inner(
         }
     }
     if !binary.is_empty() {
-        return Err(bad(format!("{} bytes of binary data belong to no input", binary.len())));
+        return Err(bad(format!(
+            "{} bytes of binary data belong to no input",
+            binary.len()
+        )));
     }
     let texts = texts.ok_or_else(|| ApiError::invalid_input("missing input \"text\""))?;
     books.rows(texts.len());
@@ -246,7 +253,10 @@ async fn infer_inner(
         Some(p) if p.len() == texts.len() => texts
             .into_iter()
             .zip(p)
-            .map(|(text, pair)| TextInput { text, text_pair: Some(pair) })
+            .map(|(text, pair)| TextInput {
+                text,
+                text_pair: Some(pair),
+            })
             .collect(),
         Some(p) => {
             return Err(ApiError::invalid_input(format!(
@@ -261,9 +271,16 @@ async fn infer_inner(
         Some(list) => list
             .iter()
             .map(|o| {
-                OUTPUTS.iter().copied().find(|n| *n == o.name).ok_or_else(|| {
-                    ApiError::invalid_input(format!("unknown output {:?}: expected one of {OUTPUTS:?}", o.name))
-                })
+                OUTPUTS
+                    .iter()
+                    .copied()
+                    .find(|n| *n == o.name)
+                    .ok_or_else(|| {
+                        ApiError::invalid_input(format!(
+                            "unknown output {:?}: expected one of {OUTPUTS:?}",
+                            o.name
+                        ))
+                    })
             })
             .collect::<Result<_, _>>()?,
     };
@@ -274,11 +291,34 @@ async fn infer_inner(
         .map(|name| {
             let p = &done.predictions;
             let (datatype, shape, data) = match name {
-                "logits" => ("FP32", vec![n, c], json!(p.iter().flat_map(|x| x.logits.clone()).collect::<Vec<f32>>())),
-                "probabilities" => ("FP32", vec![n, c], json!(p.iter().flat_map(|x| x.scores.clone()).collect::<Vec<f32>>())),
-                _ => ("BYTES", vec![n], json!(p.iter().map(|x| x.label.clone()).collect::<Vec<_>>())),
+                "logits" => (
+                    "FP32",
+                    vec![n, c],
+                    json!(p
+                        .iter()
+                        .flat_map(|x| x.logits.clone())
+                        .collect::<Vec<f32>>()),
+                ),
+                "probabilities" => (
+                    "FP32",
+                    vec![n, c],
+                    json!(p
+                        .iter()
+                        .flat_map(|x| x.scores.clone())
+                        .collect::<Vec<f32>>()),
+                ),
+                _ => (
+                    "BYTES",
+                    vec![n],
+                    json!(p.iter().map(|x| x.label.clone()).collect::<Vec<_>>()),
+                ),
             };
-            OutputTensor { name, datatype, shape, data }
+            OutputTensor {
+                name,
+                datatype,
+                shape,
+                data,
+            }
         })
         .collect();
     let mut response = json!({
@@ -299,12 +339,20 @@ fn read_strings(input: &InferInput, binary: &mut Bytes) -> Result<Vec<String>, A
         .parameters
         .as_ref()
         .and_then(|p| p.get("binary_data_size"))
-        .map(|v| v.as_u64().map(|n| n as usize).ok_or_else(|| bad("binary_data_size must be a byte count")))
+        .map(|v| {
+            v.as_u64()
+                .map(|n| n as usize)
+                .ok_or_else(|| bad("binary_data_size must be a byte count"))
+        })
         .transpose()?;
     let name = &input.name;
     match (size, &input.data) {
-        (Some(_), Some(_)) => Err(bad(format!("input {name:?} has both data and binary_data_size"))),
-        (None, None) => Err(ApiError::invalid_input(format!("input {name:?} has no data"))),
+        (Some(_), Some(_)) => Err(bad(format!(
+            "input {name:?} has both data and binary_data_size"
+        ))),
+        (None, None) => Err(ApiError::invalid_input(format!(
+            "input {name:?} has no data"
+        ))),
         (None, Some(data)) => {
             let flat: Vec<&Value> = match data {
                 Value::Array(items) => items
@@ -320,14 +368,18 @@ fn read_strings(input: &InferInput, binary: &mut Bytes) -> Result<Vec<String>, A
                 .enumerate()
                 .map(|(i, v)| {
                     v.as_str().map(str::to_string).ok_or_else(|| {
-                        ApiError::invalid_input(format!("input {name:?} element {i}: expected a string"))
+                        ApiError::invalid_input(format!(
+                            "input {name:?} element {i}: expected a string"
+                        ))
                     })
                 })
                 .collect()
         }
         (Some(size), None) => {
             if size > binary.len() {
-                return Err(bad(format!("input {name:?}: binary_data_size {size} exceeds the bytes sent")));
+                return Err(bad(format!(
+                    "input {name:?}: binary_data_size {size} exceeds the bytes sent"
+                )));
             }
             let mut own = binary.split_to(size);
             let mut out = Vec::new();
@@ -338,11 +390,16 @@ fn read_strings(input: &InferInput, binary: &mut Bytes) -> Result<Vec<String>, A
                 let len = u32::from_le_bytes([own[0], own[1], own[2], own[3]]) as usize;
                 let _ = own.split_to(4);
                 if len > own.len() {
-                    return Err(bad(format!("input {name:?}: element of {len} bytes runs past its data")));
+                    return Err(bad(format!(
+                        "input {name:?}: element of {len} bytes runs past its data"
+                    )));
                 }
                 let bytes = own.split_to(len);
                 out.push(String::from_utf8(bytes.to_vec()).map_err(|_| {
-                    ApiError::invalid_input(format!("input {name:?} element {}: not UTF-8 text", out.len()))
+                    ApiError::invalid_input(format!(
+                        "input {name:?} element {}: not UTF-8 text",
+                        out.len()
+                    ))
                 })?);
             }
             Ok(out)

@@ -2,9 +2,8 @@
 //! (`_seconds`), `_total` on counters, no colons.
 
 use prometheus::{
-    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge,
-    Opts, Registry, TextEncoder,
+    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
 use crate::serving::registry::{LoadOrigin, RegistryObserver};
@@ -111,8 +110,9 @@ impl Metrics {
             registry,
         };
         #[cfg(target_os = "linux")]
-        m.process
-            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        m.process.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         let r = &m.registry;
         r.register(Box::new(m.requests.clone()))?;
         r.register(Box::new(m.request_duration.clone()))?;
@@ -161,7 +161,15 @@ impl Metrics {
         let cuda = if info.cuda_build { "true" } else { "false" };
         let model = m.hub_id.as_deref().unwrap_or(&m.name);
         self.build_info
-            .with_label_values(&[&info.version, cuda, &m.device, &m.dtype, &m.cpu_isa, model, &m.fingerprint])
+            .with_label_values(&[
+                &info.version,
+                cuda,
+                &m.device,
+                &m.dtype,
+                &m.cpu_isa,
+                model,
+                &m.fingerprint,
+            ])
             .set(1);
     }
 }

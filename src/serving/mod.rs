@@ -24,8 +24,8 @@ mod openapi;
 pub mod registry;
 mod server;
 
-pub use auth::ApiKeys;
 pub use api::{ClassifyResponse, ClassifyResult, TaskInfo};
+pub use auth::ApiKeys;
 pub use batcher::{Backend, Batcher, BatcherConfig, Job, JobError, ModelHealth, SubmitError};
 pub use body::BodyLimits;
 pub use error::ErrorBody;
@@ -122,7 +122,12 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(infer: Infer, metrics: Arc<Metrics>, admin_token: Option<String>, limits: RequestLimits) -> Self {
+    pub fn new(
+        infer: Infer,
+        metrics: Arc<Metrics>,
+        admin_token: Option<String>,
+        limits: RequestLimits,
+    ) -> Self {
         Self {
             admin: admin::Admin::new(admin_token, limits.max_concurrent_uploads),
             api_keys: ApiKeys::default(),
@@ -163,7 +168,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         idle_timeout: limits.body_idle_timeout,
         total_timeout: limits.body_timeout,
     };
-    let (request_body, upload_body) = (body(limits.max_request_bytes), body(limits.max_upload_bytes));
+    let (request_body, upload_body) = (
+        body(limits.max_request_bytes),
+        body(limits.max_upload_bytes),
+    );
     // Layers run outermost-last-added: the API key is checked before the body is read.
     // Every classifying route (ours, the Hugging Face shape, KServe v2) goes through one door:
     // `Infer::classify`.
@@ -179,7 +187,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v2/models", get(kserve::list_models))
         .route("/v2/models/{task}", get(kserve::model_metadata))
         .route("/v2/models/{task}/ready", get(kserve::model_ready))
-        .layer(middleware::from_fn_with_state(state.clone(), auth::require_api_key));
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_api_key,
+        ));
     // The admin token, not an API key, guards these.
     let admin = Router::new()
         .route(
@@ -189,7 +200,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(middleware::from_fn(move |req, next| {
             body::buffer_body(upload_body, req, next)
         }))
-        .layer(middleware::from_fn_with_state(state.clone(), admin::authorize));
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            admin::authorize,
+        ));
     Router::new()
         .merge(classify)
         .merge(admin)
@@ -327,17 +341,26 @@ async fn serve_async(config: ServeConfig) -> anyhow::Result<()> {
 
     let text = engine.text_encoder().clone();
     let (batcher, model_thread) = Batcher::start(engine, config.batcher.clone(), metrics.clone())?;
-    let infer = Infer::new(registry, text, batcher.clone(), config.limits.inputs.clone());
-    let state = Arc::new(AppState::new(
-        infer,
-        metrics,
-        config.admin_token.clone(),
-        config.limits.clone(),
-    )
-    .with_api_keys(config.api_keys.clone())
-    .with_info(server_info));
+    let infer = Infer::new(
+        registry,
+        text,
+        batcher.clone(),
+        config.limits.inputs.clone(),
+    );
+    let state = Arc::new(
+        AppState::new(
+            infer,
+            metrics,
+            config.admin_token.clone(),
+            config.limits.clone(),
+        )
+        .with_api_keys(config.api_keys.clone())
+        .with_info(server_info),
+    );
     if !state.api_keys.required() {
-        tracing::info!("no --api-key: classify and task listing are open to anyone who can connect");
+        tracing::info!(
+            "no --api-key: classify and task listing are open to anyone who can connect"
+        );
     }
 
     let listener = tokio::net::TcpListener::bind(config.addr)
@@ -352,7 +375,8 @@ async fn serve_async(config: ServeConfig) -> anyhow::Result<()> {
         let _ = writeln!(out, "prefixd listening on http://{addr}").and_then(|_| out.flush());
     }
     tracing::info!(%addr, "serving");
-    let mut listener = server::Listener::start(listener, router(state.clone()), config.connections.clone());
+    let mut listener =
+        server::Listener::start(listener, router(state.clone()), config.connections.clone());
 
     shutdown_signal().await;
     state.start_draining();
@@ -365,7 +389,10 @@ async fn serve_async(config: ServeConfig) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
     if !listener.close(deadline).await {
         let queued = batcher.queued();
-        tracing::warn!(queued_rows = queued, "shutdown timeout: queued rows get 503");
+        tracing::warn!(
+            queued_rows = queued,
+            "shutdown timeout: queued rows get 503"
+        );
         batcher.abort();
         // The 503s (and the batch already running) still have to reach their clients.
         listener

@@ -67,7 +67,9 @@ impl Modify for BearerAuth {
             SecurityScheme::Http(
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
-                    .description(Some("An API key (--api-key); required only when the server has one"))
+                    .description(Some(
+                        "An API key (--api-key); required only when the server has one",
+                    ))
                     .build(),
             ),
         );

@@ -64,7 +64,9 @@ impl Listener {
             b
         };
         let done = done_tx.clone();
-        tokio::spawn(accept_loop(listener, router, builder, permits, stop_rx, finish_rx, done));
+        tokio::spawn(accept_loop(
+            listener, router, builder, permits, stop_rx, finish_rx, done,
+        ));
         Self {
             stop_accepting,
             finish_connections,
@@ -80,7 +82,9 @@ impl Listener {
         let _ = self.finish_connections.send(true);
         self.done_tx.take();
         // Every connection task holds a clone of the sender: recv yields None once all are gone.
-        tokio::time::timeout_at(deadline, self.done_rx.recv()).await.is_ok()
+        tokio::time::timeout_at(deadline, self.done_rx.recv())
+            .await
+            .is_ok()
     }
 }
 
@@ -178,7 +182,10 @@ impl JsonProtocolErrors {
 
     fn rewrite(buf: &[u8]) -> Option<Vec<u8>> {
         let head = std::str::from_utf8(buf).ok()?;
-        if !head.starts_with("HTTP/1.1 4") || !head.ends_with("\r\n\r\n") || head.matches("\r\n\r\n").count() != 1 {
+        if !head.starts_with("HTTP/1.1 4")
+            || !head.ends_with("\r\n\r\n")
+            || head.matches("\r\n\r\n").count() != 1
+        {
             return None;
         }
         let lower = head.to_ascii_lowercase();
@@ -189,14 +196,23 @@ impl JsonProtocolErrors {
         let code = status_line.get(9..12)?;
         let (error_type, message) = match code {
             "431" => ("headers_too_large", "the request's headers are too large"),
-            "400" => ("invalid_request", "the request could not be parsed as HTTP/1.1"),
-            _ => ("invalid_request", "the request was refused before it could be read"),
+            "400" => (
+                "invalid_request",
+                "the request could not be parsed as HTTP/1.1",
+            ),
+            _ => (
+                "invalid_request",
+                "the request was refused before it could be read",
+            ),
         };
         let body = serde_json::json!({"error": message, "error_type": error_type}).to_string();
         let mut out = String::with_capacity(head.len() + body.len() + 64);
         for line in head.trim_end().split("\r\n") {
             if line.to_ascii_lowercase().starts_with("content-length:") {
-                out.push_str(&format!("content-length: {}\r\ncontent-type: application/json\r\n", body.len()));
+                out.push_str(&format!(
+                    "content-length: {}\r\ncontent-type: application/json\r\n",
+                    body.len()
+                ));
             } else {
                 out.push_str(line);
                 out.push_str("\r\n");
@@ -207,10 +223,15 @@ impl JsonProtocolErrors {
         Some(out.into_bytes())
     }
 
-    fn poll_pending(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_pending(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         use tokio::io::AsyncWrite;
         while !self.pending.is_empty() {
-            let n = std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_write(cx, &self.pending))?;
+            let n = std::task::ready!(
+                std::pin::Pin::new(&mut self.inner).poll_write(cx, &self.pending)
+            )?;
             if n == 0 {
                 return std::task::Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
             }
@@ -246,12 +267,18 @@ impl tokio::io::AsyncWrite for JsonProtocolErrors {
         std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
-    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         std::task::ready!(self.poll_pending(cx))?;
         std::pin::Pin::new(&mut self.inner).poll_flush(cx)
     }
 
-    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         std::task::ready!(self.poll_pending(cx))?;
         std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
@@ -266,13 +293,20 @@ mod tests {
         let hyper_431 = b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\ndate: x\r\n\r\n";
         let out = String::from_utf8(JsonProtocolErrors::rewrite(hyper_431).unwrap()).unwrap();
         let (head, body) = out.split_once("\r\n\r\n").unwrap();
-        assert!(head.starts_with("HTTP/1.1 431") && head.contains("content-type: application/json"));
+        assert!(
+            head.starts_with("HTTP/1.1 431") && head.contains("content-type: application/json")
+        );
         assert!(head.contains(&format!("content-length: {}", body.len())));
         let v: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(v["error_type"], "headers_too_large");
         // Ours (a JSON body follows), successes, and bodies split off are left alone.
-        assert!(JsonProtocolErrors::rewrite(b"HTTP/1.1 404 Not Found\r\ncontent-length: 40\r\n\r\n").is_none());
-        assert!(JsonProtocolErrors::rewrite(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").is_none());
+        assert!(JsonProtocolErrors::rewrite(
+            b"HTTP/1.1 404 Not Found\r\ncontent-length: 40\r\n\r\n"
+        )
+        .is_none());
+        assert!(
+            JsonProtocolErrors::rewrite(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").is_none()
+        );
         assert!(JsonProtocolErrors::rewrite(b"{\"error\": 1}").is_none());
     }
 }

@@ -96,4 +96,3 @@ pub fn lr_at(lr: f64, t: usize, total: usize, warmup: usize) -> f64 {
         lr * (total.saturating_sub(t)) as f64 / (total - warmup).max(1) as f64
     }
 }
-

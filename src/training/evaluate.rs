@@ -3,8 +3,8 @@
 use serde::Serialize;
 
 use super::data::Example;
-use crate::engine::{Engine, EngineError, TextInput};
 use crate::engine::Task;
+use crate::engine::{Engine, EngineError, TextInput};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ClassReport {

@@ -10,8 +10,8 @@ mod config;
 pub mod data;
 mod diagnostics;
 pub mod evaluate;
-pub mod plots;
 mod params;
+pub mod plots;
 mod trainer;
 
 use rand::seq::SliceRandom;
@@ -130,7 +130,12 @@ pub fn train(
             window_loss += loss * batch.len() as f64;
             window_n += batch.len();
             if cfg.log_every > 0 && (t % cfg.log_every == 0 || t == total) {
-                let entry = StepLog { step: t, epoch, loss: window_loss / window_n as f64, lr };
+                let entry = StepLog {
+                    step: t,
+                    epoch,
+                    loss: window_loss / window_n as f64,
+                    lr,
+                };
                 tracing::debug!(step = t, epoch, loss = entry.loss, lr, "training");
                 steps.push(entry);
                 (window_loss, window_n) = (0.0, 0);
@@ -211,4 +216,3 @@ fn provenance(report: &TrainReport) -> Source {
         details,
     }
 }
-

@@ -120,4 +120,3 @@ impl<'a> Trainer<'a> {
         Ok(loss.to_scalar::<f32>()? as f64)
     }
 }
-

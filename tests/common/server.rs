@@ -50,7 +50,12 @@ impl Server {
     }
 
     /// Starts a server over `model`; `adjust` may change the command (environment, limits).
-    pub fn start_with(model: &Path, dir: &Path, extra: &[&str], adjust: impl FnOnce(&mut Command)) -> Self {
+    pub fn start_with(
+        model: &Path,
+        dir: &Path,
+        extra: &[&str],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_prefixd"));
         cmd.arg("serve")
             .arg("--model")
@@ -169,7 +174,13 @@ impl Server {
     }
 
     /// POST raw bytes with extra headers.
-    pub fn post_raw_with(&self, path: &str, content_type: &str, body: &[u8], headers: &[(&str, &str)]) -> Reply {
+    pub fn post_raw_with(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: &[u8],
+        headers: &[(&str, &str)],
+    ) -> Reply {
         let mut req = self
             .agent
             .post(format!("{}{path}", self.base))

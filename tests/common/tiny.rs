@@ -29,7 +29,10 @@ fn vocab() -> Vec<String> {
         .map(|s| s.to_string())
         .collect();
     v.extend(WORDS.iter().map(|w| w.to_string()));
-    let chars: Vec<char> = ('a'..='z').chain('0'..='9').chain(".,!?'-".chars()).collect();
+    let chars: Vec<char> = ('a'..='z')
+        .chain('0'..='9')
+        .chain(".,!?'-".chars())
+        .collect();
     for c in &chars {
         v.push(c.to_string());
     }
@@ -52,19 +55,40 @@ pub fn write_model(dir: &Path, vocab_size: Option<usize>, seed: u64) {
         "intermediate_size": inter, "hidden_act": "gelu", "max_position_embeddings": MAX_POSITIONS,
         "type_vocab_size": 2, "layer_norm_eps": 1e-12, "_name_or_path": "prefixd-tests/tiny-bert",
     });
-    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_vec_pretty(&config).unwrap(),
+    )
+    .unwrap();
 
     let mut rng = StdRng::seed_from_u64(seed);
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let mut put = |name: String, shape: &[usize], std: f32, mean: f32| {
         let n: usize = shape.iter().product();
-        let data: Vec<f32> = (0..n).map(|_| mean + std * (rng.random::<f32>() * 2.0 - 1.0)).collect();
+        let data: Vec<f32> = (0..n)
+            .map(|_| mean + std * (rng.random::<f32>() * 2.0 - 1.0))
+            .collect();
         tensors.insert(name, Tensor::from_vec(data, shape, &Device::Cpu).unwrap());
     };
     let h = HIDDEN;
-    put("embeddings.word_embeddings.weight".into(), &[v, h], 0.5, 0.0);
-    put("embeddings.position_embeddings.weight".into(), &[MAX_POSITIONS, h], 0.5, 0.0);
-    put("embeddings.token_type_embeddings.weight".into(), &[2, h], 0.5, 0.0);
+    put(
+        "embeddings.word_embeddings.weight".into(),
+        &[v, h],
+        0.5,
+        0.0,
+    );
+    put(
+        "embeddings.position_embeddings.weight".into(),
+        &[MAX_POSITIONS, h],
+        0.5,
+        0.0,
+    );
+    put(
+        "embeddings.token_type_embeddings.weight".into(),
+        &[2, h],
+        0.5,
+        0.0,
+    );
     let ln = |put: &mut dyn FnMut(String, &[usize], f32, f32), p: &str| {
         put(format!("{p}.weight"), &[h], 0.1, 1.0);
         put(format!("{p}.bias"), &[h], 0.1, 0.0);
@@ -76,10 +100,20 @@ pub fn write_model(dir: &Path, vocab_size: Option<usize>, seed: u64) {
             put(format!("{p}.attention.self.{m}.weight"), &[h, h], 0.3, 0.0);
             put(format!("{p}.attention.self.{m}.bias"), &[h], 0.1, 0.0);
         }
-        put(format!("{p}.attention.output.dense.weight"), &[h, h], 0.3, 0.0);
+        put(
+            format!("{p}.attention.output.dense.weight"),
+            &[h, h],
+            0.3,
+            0.0,
+        );
         put(format!("{p}.attention.output.dense.bias"), &[h], 0.1, 0.0);
         ln(&mut put, &format!("{p}.attention.output.LayerNorm"));
-        put(format!("{p}.intermediate.dense.weight"), &[inter, h], 0.3, 0.0);
+        put(
+            format!("{p}.intermediate.dense.weight"),
+            &[inter, h],
+            0.3,
+            0.0,
+        );
         put(format!("{p}.intermediate.dense.bias"), &[inter], 0.1, 0.0);
         put(format!("{p}.output.dense.weight"), &[h, inter], 0.3, 0.0);
         put(format!("{p}.output.dense.bias"), &[h], 0.1, 0.0);
@@ -104,7 +138,8 @@ fn write_tokenizer(path: &Path, words: &[String]) {
         serde_json::json!({"id": id, "special": true, "content": content, "single_word": false,
                            "lstrip": false, "rstrip": false, "normalized": false})
     };
-    let seq = |id: &str, type_id: u32| serde_json::json!({"Sequence": {"id": id, "type_id": type_id}});
+    let seq =
+        |id: &str, type_id: u32| serde_json::json!({"Sequence": {"id": id, "type_id": type_id}});
     let tok = |id: &str, type_id: u32| serde_json::json!({"SpecialToken": {"id": id, "type_id": type_id}});
     let t = serde_json::json!({
         "version": "1.0", "truncation": null, "padding": null,

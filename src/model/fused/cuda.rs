@@ -35,7 +35,10 @@ pub(crate) fn pack_len(dtype: DType) -> usize {
 
 fn check_packs(what: &str, n: usize, dtype: DType) -> Result<()> {
     if n % pack_len(dtype) != 0 {
-        bail!("fused kernels need {what} divisible by {}, got {n}", pack_len(dtype))
+        bail!(
+            "fused kernels need {what} divisible by {}, got {n}",
+            pack_len(dtype)
+        )
     }
     Ok(())
 }
@@ -44,7 +47,11 @@ fn check_packs(what: &str, n: usize, dtype: DType) -> Result<()> {
 fn row_blocks(rows: usize, packs_per_row: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
-        block_dim: (packs_per_row.next_multiple_of(32).clamp(32, 256) as u32, 1, 1),
+        block_dim: (
+            packs_per_row.next_multiple_of(32).clamp(32, 256) as u32,
+            1,
+            1,
+        ),
         shared_mem_bytes: 0,
     }
 }
@@ -66,7 +73,11 @@ fn view<'a, T: CudaDType + DeviceRepr>(s: &'a Storage, l: &Layout) -> Result<Cud
     Ok(c.as_cuda_slice::<T>()?.slice(a..b))
 }
 
-fn wrap<T: CudaDType + DeviceRepr>(out: CudaSlice<T>, dev: &CudaDevice, shape: impl Into<Shape>) -> Tensor {
+fn wrap<T: CudaDType + DeviceRepr>(
+    out: CudaSlice<T>,
+    dev: &CudaDevice,
+    shape: impl Into<Shape>,
+) -> Tensor {
     let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone()));
     Tensor::from_storage(storage, shape, BackpropOp::none(), false)
 }
@@ -145,21 +156,47 @@ pub(crate) fn embed_ln(
             view::<u32>(&s_ty, l_ty)?,
             view::<u32>(&s_pos, l_pos)?,
         );
-        let (v_w, v_t, v_p) = (view::<T>(&s_w, l_w)?, view::<T>(&s_t, l_t)?, view::<T>(&s_p, l_p)?);
+        let (v_w, v_t, v_p) = (
+            view::<T>(&s_w, l_w)?,
+            view::<T>(&s_t, l_t)?,
+            view::<T>(&s_p, l_p)?,
+        );
         let (v_g, v_b) = (view::<T>(&s_g, l_g)?, view::<T>(&s_b, l_b)?);
         // SAFETY: every element is written by the kernel below.
         let mut out = unsafe { dev.alloc::<T>(rows * n)? };
         let f = kernel!(dev, format!("embed_ln_{nv}"), word.dtype());
         let (rows_i, n_i) = (rows as i32, n as i32);
         let mut b = f.builder();
-        b.arg(&v_ids).arg(&v_ty).arg(&v_pos).arg(&v_w).arg(&v_t).arg(&v_p);
-        b.arg(&v_g).arg(&v_b).arg(&eps).arg(&rows_i).arg(&n_i).arg(&mut out);
+        b.arg(&v_ids)
+            .arg(&v_ty)
+            .arg(&v_pos)
+            .arg(&v_w)
+            .arg(&v_t)
+            .arg(&v_p);
+        b.arg(&v_g)
+            .arg(&v_b)
+            .arg(&eps)
+            .arg(&rows_i)
+            .arg(&n_i)
+            .arg(&mut out);
         // SAFETY: argument order and types match `embed_ln_*` in kernels.cu.
         unsafe { b.launch(rows_config(rows)) }.w()?;
         drop(b);
         Ok(wrap(out, &dev, (rows, n)))
     }
-    by_dtype!(word.dtype(), go, ids, types, positions, word, type_emb, pos_emb, gamma, beta, eps)
+    by_dtype!(
+        word.dtype(),
+        go,
+        ids,
+        types,
+        positions,
+        word,
+        type_emb,
+        pos_emb,
+        gamma,
+        beta,
+        eps
+    )
 }
 
 pub(crate) fn bias_residual_ln(
@@ -182,7 +219,11 @@ pub(crate) fn bias_residual_ln(
         let (rows, n) = x.dims2()?;
         let nv = nv_for(n)?;
         if residual.dims() != x.dims() {
-            bail!("bias_residual_ln: residual {:?} vs x {:?}", residual.dims(), x.dims())
+            bail!(
+                "bias_residual_ln: residual {:?} vs x {:?}",
+                residual.dims(),
+                x.dims()
+            )
         }
         let (s_x, l_x) = x.storage_and_layout();
         let (s_bias, l_bias) = bias.storage_and_layout();
@@ -341,10 +382,18 @@ pub(crate) fn split_qkv(
         let (b, s, h, hd, p) = (d.batch, d.seq, d.heads, d.head_dim, d.p_max);
         let t = d.keys();
         if qkv.dims() != [b * s, 3 * h * hd] || table.ptrs.len() != b {
-            bail!("split_qkv: qkv is {:?} for {} prefix rows", qkv.dims(), table.ptrs.len())
+            bail!(
+                "split_qkv: qkv is {:?} for {} prefix rows",
+                qkv.dims(),
+                table.ptrs.len()
+            )
         }
         if table.dtype != qkv.dtype() {
-            bail!("split_qkv: prefixes are {:?}, activations {:?}", table.dtype, qkv.dtype())
+            bail!(
+                "split_qkv: prefixes are {:?}, activations {:?}",
+                table.dtype,
+                qkv.dtype()
+            )
         }
         let (s_qkv, l_qkv) = qkv.storage_and_layout();
         let (s_bias, l_bias) = bias.storage_and_layout();
@@ -361,7 +410,12 @@ pub(crate) fn split_qkv(
         {
             let f = kernel!(dev, "split_tokens", qkv.dtype());
             let mut l = f.builder();
-            l.arg(&v_qkv).arg(&v_bias).arg(&si).arg(&hi).arg(&di).arg(&pi);
+            l.arg(&v_qkv)
+                .arg(&v_bias)
+                .arg(&si)
+                .arg(&hi)
+                .arg(&di)
+                .arg(&pi);
             l.arg(&mut q).arg(&mut k).arg(&mut v);
             // SAFETY: argument order and types match `split_tokens_*` in kernels.cu.
             unsafe { l.launch(row_blocks(b * s, 3 * h * packs)) }.w()?;
@@ -369,7 +423,11 @@ pub(crate) fn split_qkv(
         if p > 0 {
             let f = kernel!(dev, "split_prefix", qkv.dtype());
             let mut l = f.builder();
-            l.arg(&table.ptrs).arg(&table.ps).arg(&layer_i).arg(&si).arg(&hi);
+            l.arg(&table.ptrs)
+                .arg(&table.ps)
+                .arg(&layer_i)
+                .arg(&si)
+                .arg(&hi);
             l.arg(&di).arg(&pi).arg(&mut k).arg(&mut v);
             // SAFETY: argument order and types match `split_prefix_*` in kernels.cu; every
             // pointer in the table addresses a live [L, 2, H, P, D] tensor of this dtype.
@@ -398,7 +456,13 @@ pub(crate) fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Resu
         let f = kernel!(dev, format!("masked_softmax_{nv}"), scores.dtype());
         let (scale_f, rows_i, per_b, t_i) = (scale as f32, rows as i32, (h * s) as i32, t as i32);
         let mut l = f.builder();
-        l.arg(&v_x).arg(&v_m).arg(&scale_f).arg(&rows_i).arg(&per_b).arg(&t_i).arg(&mut out);
+        l.arg(&v_x)
+            .arg(&v_m)
+            .arg(&scale_f)
+            .arg(&rows_i)
+            .arg(&per_b)
+            .arg(&t_i)
+            .arg(&mut out);
         // SAFETY: argument order and types match `masked_softmax_*` in kernels.cu.
         unsafe { l.launch(rows_config(rows)) }.w()?;
         drop(l);
@@ -406,7 +470,6 @@ pub(crate) fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Resu
     }
     by_dtype!(scores.dtype(), go, scores, mask, scale)
 }
-
 
 /// Whether the tensor-core attention kernel runs: only when asked for with
 /// `PREFIXD_ATTENTION=fused`, in half precision, with head size 32 or 64.
@@ -424,7 +487,13 @@ pub(crate) fn fused_attention_applies(dtype: DType, head_dim: usize) -> bool {
 
 /// `softmax(q·Kᵀ · scale + mask) · V` in one kernel, written as merged-head rows `[B·S, H·D]`.
 /// q: `[B, H, S, D]`; k, v: `[B, H, T, D]`; mask: `[B, T]` f32.
-pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
     fn go<T: CudaDType + DeviceRepr>(
         q: &Tensor,
         k: &Tensor,
@@ -438,20 +507,37 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale
         let (b, h, s, d) = q.dims4()?;
         let t = k.dim(2)?;
         if k.dims() != [b, h, t, d] || v.dims() != k.dims() || mask.dims() != [b, t] {
-            bail!("attention: q {:?} k {:?} v {:?} mask {:?}", q.dims(), k.dims(), v.dims(), mask.dims())
+            bail!(
+                "attention: q {:?} k {:?} v {:?} mask {:?}",
+                q.dims(),
+                k.dims(),
+                v.dims(),
+                mask.dims()
+            )
         }
         let (s_q, l_q) = q.storage_and_layout();
         let (s_k, l_k) = k.storage_and_layout();
         let (s_v, l_v) = v.storage_and_layout();
         let (s_m, l_m) = mask.storage_and_layout();
-        let (v_q, v_k, v_v) = (view::<T>(&s_q, l_q)?, view::<T>(&s_k, l_k)?, view::<T>(&s_v, l_v)?);
+        let (v_q, v_k, v_v) = (
+            view::<T>(&s_q, l_q)?,
+            view::<T>(&s_k, l_k)?,
+            view::<T>(&s_v, l_v)?,
+        );
         let v_m = view::<f32>(&s_m, l_m)?;
         // SAFETY: every element is written by the kernel below (each query row of each head).
         let mut out = unsafe { dev.alloc::<T>(b * s * h * d)? };
         let f = kernel!(dev, format!("attention_{d}"), q.dtype());
         let (scale_f, hi, si, ti) = (scale as f32, h as i32, s as i32, t as i32);
         let mut l = f.builder();
-        l.arg(&v_q).arg(&v_k).arg(&v_v).arg(&v_m).arg(&scale_f).arg(&hi).arg(&si).arg(&ti);
+        l.arg(&v_q)
+            .arg(&v_k)
+            .arg(&v_v)
+            .arg(&v_m)
+            .arg(&scale_f)
+            .arg(&hi)
+            .arg(&si)
+            .arg(&ti);
         l.arg(&mut out);
         let cfg = LaunchConfig {
             grid_dim: ((b * h) as u32, s.div_ceil(WARPS * QROWS) as u32, 1),

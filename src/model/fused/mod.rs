@@ -62,7 +62,11 @@ fn prefixes(m: &PrefixedBert, rows: &[EncoderRow<'_>], p_max: usize) -> Result<P
 }
 
 /// `[B, Hd]` pooled vectors (f32) of a batch already checked by `HostBatch::build`.
-pub(crate) fn pooled(m: &PrefixedBert, rows: &[EncoderRow<'_>], batch: &HostBatch) -> Result<Vec<Vec<f32>>> {
+pub(crate) fn pooled(
+    m: &PrefixedBert,
+    rows: &[EncoderRow<'_>],
+    batch: &HostBatch,
+) -> Result<Vec<Vec<f32>>> {
     let c = m.config();
     let device: &Device = m.device();
     let (b, s) = (batch.rows, batch.seq_len);

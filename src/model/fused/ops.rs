@@ -44,7 +44,9 @@ pub(crate) fn embed_ln(
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if word.device().is_cuda() {
-        return super::cuda::embed_ln(ids, types, positions, word, type_emb, pos_emb, gamma, beta, eps);
+        return super::cuda::embed_ln(
+            ids, types, positions, word, type_emb, pos_emb, gamma, beta, eps,
+        );
     }
     let x = (in_f32(&word.index_select(ids, 0)?)? + in_f32(&type_emb.index_select(types, 0)?)?)?
         .add(&in_f32(&pos_emb.index_select(positions, 0)?)?)?;
@@ -68,7 +70,9 @@ pub(crate) fn bias_residual_ln(
     if x.device().is_cuda() {
         return super::cuda::bias_residual_ln(x, bias, residual, gamma, beta, eps);
     }
-    let y = in_f32(x)?.broadcast_add(&in_f32(bias)?)?.add(&in_f32(residual)?)?;
+    let y = in_f32(x)?
+        .broadcast_add(&in_f32(bias)?)?
+        .add(&in_f32(residual)?)?;
     layer_norm_f32(&y, gamma, beta, eps)?.to_dtype(x.dtype())
 }
 
@@ -105,7 +109,9 @@ impl Prefixes {
         let device = first.device().clone();
         #[cfg(feature = "cuda")]
         if device.is_cuda() {
-            return Ok(Self::Table(super::cuda::PrefixTable::new(tasks, &row_task)?));
+            return Ok(Self::Table(super::cuda::PrefixTable::new(
+                tasks, &row_task,
+            )?));
         }
         let padded = tasks
             .iter()
@@ -149,7 +155,10 @@ pub(crate) fn split_qkv(
         .reshape((b, s, 3, h, hd))?
         .permute((2, 0, 3, 1, 4))?
         .contiguous()?; // [3, B, H, S, D]
-    let prefix = bank.i((.., layer))?.contiguous()?.index_select(row_task, 0)?; // [B, 2, H, Pmax, D]
+    let prefix = bank
+        .i((.., layer))?
+        .contiguous()?
+        .index_select(row_task, 0)?; // [B, 2, H, Pmax, D]
     let k = Tensor::cat(&[&prefix.i((.., 0))?, &tokens.get(1)?], 2)?;
     let v = Tensor::cat(&[&prefix.i((.., 1))?, &tokens.get(2)?], 2)?;
     Ok((tokens.get(0)?, k.contiguous()?, v.contiguous()?))
@@ -170,7 +179,13 @@ pub(crate) fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Resu
 /// `softmax(q·Kᵀ · scale + mask) · V` as merged-head rows `[B·S, H·D]`: batched matmul, fused
 /// masked softmax, batched matmul, head merge (or, opted into on a GPU in half precision, one
 /// tensor-core kernel: see `cuda::fused_attention_applies`).
-pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if q.device().is_cuda() && super::cuda::fused_attention_applies(q.dtype(), q.dim(3)?) {
         return super::cuda::attention(q, k, v, mask, scale);
@@ -190,8 +205,16 @@ pub(crate) fn merge_heads(ctx: &Tensor) -> Result<Tensor> {
 }
 
 /// `tanh(W · x + b)` of each row's first token: BERT's pooler, in f32. `x`: `[B·S, Hd]`.
-pub(crate) fn pooler(x: &Tensor, rows: usize, seq: usize, w_t: &Tensor, b: &Tensor) -> Result<Tensor> {
+pub(crate) fn pooler(
+    x: &Tensor,
+    rows: usize,
+    seq: usize,
+    w_t: &Tensor,
+    b: &Tensor,
+) -> Result<Tensor> {
     let hd = x.dim(D::Minus1)?;
     let cls = x.reshape((rows, seq, hd))?.i((.., 0))?.contiguous()?;
-    in_f32(&cls.matmul(w_t)?)?.broadcast_add(&in_f32(b)?)?.tanh()
+    in_f32(&cls.matmul(w_t)?)?
+        .broadcast_add(&in_f32(b)?)?
+        .tanh()
 }

@@ -39,7 +39,10 @@ pub(super) fn stamp(path: &Path) -> Option<Stamp> {
 }
 
 /// The bytes of a prefix file and their stamp; `Ok(None)` if nothing is there.
-pub(super) fn read_prefix_file(path: &Path, max_bytes: usize) -> Result<Option<(Vec<u8>, Stamp)>, PrefixError> {
+pub(super) fn read_prefix_file(
+    path: &Path,
+    max_bytes: usize,
+) -> Result<Option<(Vec<u8>, Stamp)>, PrefixError> {
     let io = |source| PrefixError::Io {
         path: path.to_path_buf(),
         source,
@@ -80,7 +83,9 @@ enum Read_ {
 fn read_checked(file: &mut File, len: u64) -> Result<Vec<u8>, Read_> {
     let mut head = [0u8; 8];
     if len < 8 {
-        return Err(Read_::Bad(format!("{len} bytes: too short for a safetensors header")));
+        return Err(Read_::Bad(format!(
+            "{len} bytes: too short for a safetensors header"
+        )));
     }
     file.read_exact(&mut head).map_err(Read_::Io)?;
     let header_len = u64::from_le_bytes(head);
@@ -92,7 +97,9 @@ fn read_checked(file: &mut File, len: u64) -> Result<Vec<u8>, Read_> {
     let mut bytes = Vec::with_capacity(len as usize);
     bytes.extend_from_slice(&head);
     // Bounded by the size checked above, even if the file grows while being read.
-    file.take(len - 8).read_to_end(&mut bytes).map_err(Read_::Io)?;
+    file.take(len - 8)
+        .read_to_end(&mut bytes)
+        .map_err(Read_::Io)?;
     Ok(bytes)
 }
 
@@ -176,7 +183,9 @@ mod tests {
             read_prefix_file(&big, 1 << 20),
             Err(PrefixError::NotSafetensors(_))
         ));
-        assert!(read_prefix_file(&dir.path().join("none.safetensors"), 10).unwrap().is_none());
+        assert!(read_prefix_file(&dir.path().join("none.safetensors"), 10)
+            .unwrap()
+            .is_none());
     }
 
     #[test]

@@ -23,9 +23,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 use crate::engine::Task;
+use crate::model::ModelInfo;
 use crate::prefix::peft::{self, ImportOptions};
 use crate::prefix::{write_atomic, PrefixError, PrefixFile};
-use crate::model::ModelInfo;
 
 pub const EXTENSION: &str = "safetensors";
 
@@ -166,7 +166,9 @@ impl Registry {
         names.truncate(limit);
         let tasks: Vec<Loaded> = names.iter().map(|n| map[*n].clone()).collect();
         Page {
-            next_after: more.then(|| tasks.last().map(|l| l.task.name().to_string())).flatten(),
+            next_after: more
+                .then(|| tasks.last().map(|l| l.task.name().to_string()))
+                .flatten(),
             tasks,
             total,
         }
@@ -319,7 +321,9 @@ impl Registry {
         paths.dedup();
         // Files are independent: read and validate them on every core (the map's lock is only
         // taken for each swap). 10,000 tasks load in a fraction of the serial time.
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(paths.len().max(1));
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(paths.len().max(1));
         let next = std::sync::atomic::AtomicUsize::new(0);
         std::thread::scope(|s| {
             for _ in 0..threads {
@@ -331,7 +335,11 @@ impl Registry {
             }
         });
         if origin == LoadOrigin::Startup {
-            tracing::info!(tasks = self.len(), files = paths.len(), "prefixes directory loaded");
+            tracing::info!(
+                tasks = self.len(),
+                files = paths.len(),
+                "prefixes directory loaded"
+            );
         }
     }
 

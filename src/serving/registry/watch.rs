@@ -66,7 +66,8 @@ impl Registry {
                 std::thread::Builder::new()
                     .name("prefix-rescan".into())
                     .spawn(move || {
-                        while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
+                        while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every)
+                        {
                             registry.rescan(LoadOrigin::Rescan);
                         }
                     })
