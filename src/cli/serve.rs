@@ -5,15 +5,37 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::ModelArgs;
-use crate::serving::{BatcherConfig, ConnConfig, InputLimits, RequestLimits, ServeConfig};
+use crate::serving::registry::is_store_url;
+use crate::serving::{
+    BatcherConfig, ConnConfig, InputLimits, RequestLimits, ServeConfig, StoreConfig, StoreSettings,
+};
+use sha2::Digest;
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Directory of native prefix files (<task>.safetensors); loaded at start and watched.
+    /// Where the tasks are: a directory of native prefix files (<task>.safetensors), loaded at
+    /// start and watched; or a prefix store shared by replicas — s3://bucket/path/ (credentials,
+    /// region and endpoint from the standard AWS_* variables), gs://…, az://… or file:///dir/ —
+    /// that every replica syncs with (see --sync-interval, --prefix-cache).
     #[arg(long, env = "PREFIXD_PREFIXES", default_value = "prefixes")]
-    pub prefixes: PathBuf,
+    pub prefixes: String,
+    /// With a prefix store: the local folder that caches it, so a replica restarted while the
+    /// store is unreachable still serves (default: a folder per store under the temp dir).
+    #[arg(long, env = "PREFIXD_PREFIX_CACHE")]
+    pub prefix_cache: Option<PathBuf>,
+    /// With a prefix store: seconds between syncs (list, fetch what changed, drop what is gone).
+    #[arg(long, env = "PREFIXD_SYNC_INTERVAL", default_value_t = 5.0)]
+    pub sync_interval: f64,
+    /// An S3-compatible server's URL (MinIO, Ceph, …), e.g. http://minio:9000; AWS_ENDPOINT_URL
+    /// works too.
+    #[arg(long, env = "PREFIXD_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// With a prefix store: seconds one request to it may take before the upload fails or the
+    /// sync pass is retried later.
+    #[arg(long, env = "PREFIXD_STORE_TIMEOUT", default_value_t = 10.0)]
+    pub store_timeout: f64,
     /// Address to listen on (port 0 picks a free port; the chosen address is printed).
     #[arg(long, env = "PREFIXD_ADDR", default_value = "127.0.0.1:8080")]
     pub addr: SocketAddr,
@@ -88,6 +110,39 @@ pub struct ServeArgs {
     pub metrics_max_tasks: usize,
 }
 
+/// A local folder, or a store and the folder that caches it.
+fn prefix_source(args: &ServeArgs) -> anyhow::Result<(PathBuf, Option<StoreSettings>)> {
+    let prefixes = args.prefixes.trim();
+    if !is_store_url(prefixes) {
+        anyhow::ensure!(
+            !prefixes.contains("://"),
+            "--prefixes {prefixes:?}: not a folder and not a supported store (s3://, gs://, az://, file://)"
+        );
+        return Ok((PathBuf::from(prefixes), None));
+    }
+    let interval = seconds("sync-interval", args.sync_interval)?;
+    anyhow::ensure!(
+        interval >= Duration::from_millis(100),
+        "--sync-interval must be at least 0.1 seconds"
+    );
+    let timeout = seconds("store-timeout", args.store_timeout)?;
+    anyhow::ensure!(!timeout.is_zero(), "--store-timeout must be above 0");
+    let cache = args.prefix_cache.clone().unwrap_or_else(|| {
+        // One folder per store, so two servers on one machine with different stores never mix.
+        let digest = sha2::Sha256::digest(prefixes.as_bytes());
+        std::env::temp_dir().join(format!("prefixd-cache-{}", &hex::encode(digest)[..12]))
+    });
+    let store = StoreSettings {
+        store: StoreConfig {
+            url: prefixes.to_string(),
+            s3_endpoint: args.s3_endpoint.clone(),
+            request_timeout: timeout,
+        },
+        sync_interval: interval,
+    };
+    Ok((cache, Some(store)))
+}
+
 /// Seconds from a flag, refusing negative and non-finite values.
 fn seconds(flag: &str, v: f64) -> anyhow::Result<Duration> {
     anyhow::ensure!(
@@ -112,9 +167,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         args.max_connections > 0 && args.max_concurrent_uploads > 0,
         "--max-connections and --max-concurrent-uploads must be at least 1"
     );
+    let (prefixes_dir, store) = prefix_source(&args)?;
     crate::serving::serve(ServeConfig {
         engine: args.model.engine_config()?,
-        prefixes_dir: args.prefixes,
+        prefixes_dir,
+        store,
         addr: args.addr,
         admin_token: args.admin_token,
         api_keys: crate::serving::ApiKeys::new(args.api_keys),

@@ -13,7 +13,7 @@ use utoipa::ToSchema;
 
 use super::admin::TaskName;
 use super::error::{ApiError, ErrorBody};
-use super::registry::Loaded;
+use super::registry::{Loaded, StoreStatus};
 use super::AppState;
 use crate::engine::{Prediction, TextInput};
 
@@ -145,6 +145,9 @@ pub struct TaskList {
     /// Pass as `after` for the next page; absent on the last one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_after: Option<String>,
+    /// With a prefix store (`--prefixes s3://…`): whether what is listed is up to date with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreStatus>,
 }
 
 /// The most tasks on one page of `GET /v1/tasks`, and the default page size.
@@ -164,7 +167,7 @@ pub struct TaskQuery {
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Status {
-    /// `ok`, `ready`, `draining`, `unavailable`.
+    /// `ok`, `ready`, `starting`, `draining`, `unavailable`.
     pub status: String,
     /// Why the server is not ready or not alive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -384,6 +387,7 @@ pub async fn list_tasks(
             .collect(),
         total: page.total,
         next_after: page.next_after,
+        store: state.infer.registry().store_status(),
     }))
 }
 
@@ -446,6 +450,13 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Stat
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             Status::new("draining", None),
+        );
+    }
+    if !state.infer.registry().synced() {
+        let reason = Some("the first sync with the prefix store has not finished".to_string());
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Status::new("starting", reason),
         );
     }
     match state.infer.batcher().health().problem() {

@@ -161,6 +161,16 @@ impl From<RegistryError> for ApiError {
                 "invalid_prefix",
                 e.to_string(),
             ),
+            // The store is upstream of us: down, slow or refusing our credentials. Admin-only
+            // routes, so the store's own message is given; nothing was changed anywhere.
+            RegistryError::Store(store) => {
+                tracing::error!(error = %store, "writing to the prefix store failed");
+                Self::new(
+                    StatusCode::BAD_GATEWAY,
+                    "store_unavailable",
+                    format!("{store}; nothing was changed"),
+                )
+            }
         }
     }
 }

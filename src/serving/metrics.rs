@@ -33,6 +33,10 @@ pub struct Metrics {
     pub model_panics: IntCounter,
     pub tasks_loaded: IntGauge,
     pub prefix_loads: IntCounterVec,
+    pub store_syncs: IntCounterVec,
+    pub store_sync_duration: Histogram,
+    pub store_stale: IntGauge,
+    pub store_last_sync: prometheus::Gauge,
 }
 
 impl Metrics {
@@ -42,6 +46,11 @@ impl Metrics {
 
     /// `max_task_labels`: how many tasks get their own series (the first to be asked for).
     pub fn with_task_labels(max_task_labels: usize) -> prometheus::Result<Self> {
+        Self::build(max_task_labels, false)
+    }
+
+    /// Also registers the `prefixd_store_*` series when `with_store`.
+    pub fn build(max_task_labels: usize, with_store: bool) -> prometheus::Result<Self> {
         let registry = Registry::new_custom(Some("prefixd".into()), None)?;
         let seconds = exponential_buckets(0.0005, 2.0, 16)?; // 0.5 ms … 16 s
         let m = Self {
@@ -100,6 +109,28 @@ impl Metrics {
                 ),
                 &["origin", "result"],
             )?,
+            store_syncs: IntCounterVec::new(
+                Opts::new(
+                    "store_syncs_total",
+                    "Sync passes with the prefix store, by result (ok, error).",
+                ),
+                &["result"],
+            )?,
+            store_sync_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "store_sync_duration_seconds",
+                    "Time a sync pass with the prefix store took (list, fetch, validate, swap).",
+                )
+                .buckets(exponential_buckets(0.001, 4.0, 10)?),
+            )?,
+            store_stale: IntGauge::new(
+                "store_stale",
+                "1 while the prefix store cannot be read (the last pass failed): tasks may be behind it.",
+            )?,
+            store_last_sync: prometheus::Gauge::new(
+                "store_last_sync_timestamp_seconds",
+                "Unix time of the end of the last successful sync pass with the prefix store.",
+            )?,
             build_info: prometheus::IntGaugeVec::new(
                 Opts::new("build_info", "Always 1; the labels say what is running."),
                 &["version", "cuda", "device", "dtype", "cpu_isa", "model", "model_fingerprint"],
@@ -127,6 +158,13 @@ impl Metrics {
         r.register(Box::new(m.tasks_loaded.clone()))?;
         r.register(Box::new(m.prefix_loads.clone()))?;
         r.register(Box::new(m.build_info.clone()))?;
+        // Only a server with a prefix store has these series.
+        if with_store {
+            r.register(Box::new(m.store_syncs.clone()))?;
+            r.register(Box::new(m.store_sync_duration.clone()))?;
+            r.register(Box::new(m.store_stale.clone()))?;
+            r.register(Box::new(m.store_last_sync.clone()))?;
+        }
         Ok(m)
     }
 
@@ -183,5 +221,24 @@ impl RegistryObserver for Metrics {
 
     fn tasks_loaded(&self, count: usize) {
         self.tasks_loaded.set(count as i64);
+    }
+
+    fn store_sync(
+        &self,
+        status: &crate::serving::registry::StoreStatus,
+        took: std::time::Duration,
+    ) {
+        let ok = status.error.is_none();
+        self.store_syncs
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
+        self.store_sync_duration.observe(took.as_secs_f64());
+        self.store_stale.set(status.stale as i64);
+        if ok {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            self.store_last_sync.set(now.as_secs_f64());
+        }
     }
 }

@@ -33,6 +33,7 @@ pub use infer::{Classified, Infer, InferError, InputLimits};
 pub use metrics::{Metrics, DEFAULT_MAX_TASK_LABELS};
 pub use observe::ServerInfo;
 pub use openapi::ApiDoc;
+pub use registry::{StoreConfig, StoreStatus};
 pub use server::ConnConfig;
 
 use anyhow::Context;
@@ -107,6 +108,15 @@ pub struct ServeConfig {
     pub rescan_interval: Option<Duration>,
     /// Tasks with their own series in `/metrics`; the rest are counted as `task="other"`.
     pub metrics_max_tasks: usize,
+    /// A prefix store shared by replicas; `prefixes_dir` is then its local cache.
+    pub store: Option<StoreSettings>,
+}
+
+/// `--prefixes s3://…`: where the store is and how often to converge on it.
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    pub store: registry::StoreConfig,
+    pub sync_interval: Duration,
 }
 
 /// Everything a handler needs, shared behind one `Arc`.
@@ -281,6 +291,7 @@ fn describe(engine: &Engine, config: &ServeConfig) -> ServerInfo {
         tasks: 0,
         api_key_required: config.api_keys.required(),
         admin_enabled: config.admin_token.as_deref().is_some_and(|t| !t.is_empty()),
+        store: None, // filled in when asked
     }
 }
 
@@ -308,7 +319,10 @@ pub fn serve(config: ServeConfig) -> anyhow::Result<()> {
 }
 
 async fn serve_async(config: ServeConfig) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::with_task_labels(config.metrics_max_tasks)?);
+    let metrics = Arc::new(Metrics::build(
+        config.metrics_max_tasks,
+        config.store.is_some(),
+    )?);
     let engine_config = config.engine.clone();
     let engine = tokio::task::spawn_blocking(move || -> anyhow::Result<Engine> {
         let engine = Engine::load(&engine_config)?;
@@ -324,12 +338,34 @@ async fn serve_async(config: ServeConfig) -> anyhow::Result<()> {
     let observer: Arc<dyn RegistryObserver> = metrics.clone();
     let dir = config.prefixes_dir.clone();
     let max_file = config.limits.max_upload_bytes;
-    let registry =
-        tokio::task::spawn_blocking(move || Registry::open(&dir, info, max_file, Some(observer)))
+    let (registry, _sync) = match &config.store {
+        None => {
+            let registry = tokio::task::spawn_blocking(move || {
+                Registry::open(&dir, info, max_file, Some(observer))
+            })
             .await?
             .with_context(|| format!("prefixes directory {}", config.prefixes_dir.display()))?;
-    tracing::info!(tasks = registry.len(), dir = %config.prefixes_dir.display(), "prefixes loaded");
-    let _watch = if config.watch {
+            tracing::info!(tasks = registry.len(), dir = %config.prefixes_dir.display(), "prefixes loaded");
+            (registry, None)
+        }
+        Some(settings) => {
+            let store = registry::PrefixStore::open(&settings.store)?;
+            let interval = settings.sync_interval;
+            let registry = tokio::task::spawn_blocking(move || {
+                Registry::open_store(&dir, info, max_file, Some(observer), store, interval)
+            })
+            .await?
+            .with_context(|| format!("prefix cache {}", config.prefixes_dir.display()))?;
+            tracing::info!(
+                cached_tasks = registry.len(), cache = %config.prefixes_dir.display(),
+                store = %settings.store.url, "prefix cache loaded; syncing with the store"
+            );
+            // Readiness waits for the first pass; requests for cached tasks are served already.
+            let sync = registry.start_sync();
+            (registry, Some(sync))
+        }
+    };
+    let _watch = if config.watch && config.store.is_none() {
         Some(
             registry
                 .watch(config.rescan_interval)

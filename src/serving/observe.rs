@@ -107,6 +107,9 @@ pub struct ServerInfo {
     pub api_key_required: bool,
     /// Whether the admin routes are enabled.
     pub admin_enabled: bool,
+    /// The prefix store and how its sync goes, when `--prefixes` names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<crate::serving::registry::StoreStatus>,
 }
 
 /// What is running: version, model, device, precision and limits.
@@ -114,5 +117,6 @@ pub struct ServerInfo {
 pub async fn info(State(state): State<Arc<AppState>>) -> Json<ServerInfo> {
     let mut info = state.info.clone();
     info.tasks = state.infer.registry().len();
+    info.store = state.infer.registry().store_status();
     Json(info)
 }

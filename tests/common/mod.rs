@@ -103,5 +103,6 @@ pub fn argmax(xs: &[f32]) -> usize {
     prefixd::engine::argmax(xs)
 }
 
+pub mod s3;
 pub mod server;
 pub mod tiny;

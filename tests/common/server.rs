@@ -56,6 +56,17 @@ impl Server {
         extra: &[&str],
         adjust: impl FnOnce(&mut Command),
     ) -> Self {
+        Self::start_from(model, dir.as_os_str(), dir, extra, adjust)
+    }
+
+    /// The same with `--prefixes <prefixes>` (a store URL, say), `dir` being its local folder.
+    pub fn start_from(
+        model: &Path,
+        prefixes: &std::ffi::OsStr,
+        dir: &Path,
+        extra: &[&str],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_prefixd"));
         cmd.arg("serve")
             .arg("--model")
@@ -63,7 +74,7 @@ impl Server {
             .arg("--device")
             .arg("cpu")
             .arg("--prefixes")
-            .arg(dir)
+            .arg(prefixes)
             .args(["--addr", "127.0.0.1:0", "--max-length", "128"])
             .args(extra)
             .env("PREFIXD_ADMIN_TOKEN", TOKEN)

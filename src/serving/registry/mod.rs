@@ -11,10 +11,18 @@
 //! map with the files on disk, so hand edits take effect and our own writes are recognised (same
 //! content hash) and not loaded twice. Files are read by `disk.rs`, which never blocks on one:
 //! only regular files, opened non-blocking, size-capped, and never while a lock is held.
+//!
+//! With a prefix store (`store.rs`, `sync.rs`: `--prefixes s3://…`) the store is the source of
+//! truth instead and the directory is this replica's cache of it; uploads and deletes go to the
+//! store first, and a sync loop replaces the watcher.
 
 mod disk;
+pub mod store;
+mod sync;
 mod watch;
 
+pub use store::{is_store_url, PrefixStore, StoreConfig, StoreError};
+pub use sync::{PassReport, StoreStatus, SyncGuard};
 pub use watch::WatchGuard;
 
 use std::collections::HashMap;
@@ -47,6 +55,9 @@ pub enum RegistryError {
     NotFound(String),
     #[error(transparent)]
     Prefix(#[from] PrefixError),
+    /// The prefix store could not be written; nothing changed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// Where a load attempt came from, for logs and metrics.
@@ -56,6 +67,8 @@ pub enum LoadOrigin {
     Watch,
     Rescan,
     Upload,
+    /// Fetched from the prefix store by a sync pass.
+    Store,
 }
 
 impl LoadOrigin {
@@ -65,6 +78,7 @@ impl LoadOrigin {
             Self::Watch => "watch",
             Self::Rescan => "rescan",
             Self::Upload => "upload",
+            Self::Store => "store",
         }
     }
 }
@@ -73,6 +87,8 @@ impl LoadOrigin {
 pub trait RegistryObserver: Send + Sync {
     fn prefix_load(&self, origin: LoadOrigin, ok: bool);
     fn tasks_loaded(&self, count: usize);
+    /// After every pass of the store sync loop.
+    fn store_sync(&self, _status: &StoreStatus, _took: std::time::Duration) {}
 }
 
 /// One page of [`Registry::page`].
@@ -103,6 +119,8 @@ struct Shared {
     /// Serialises changes (disk + map) so two uploads of one task cannot interleave.
     writes: Mutex<()>,
     observer: Option<Arc<dyn RegistryObserver>>,
+    /// The prefix store, when the directory is only its cache.
+    remote: Option<sync::Remote>,
 }
 
 impl Registry {
@@ -114,6 +132,42 @@ impl Registry {
         max_file_bytes: usize,
         observer: Option<Arc<dyn RegistryObserver>>,
     ) -> std::io::Result<Self> {
+        Self::open_with(dir, model, max_file_bytes, observer, None)
+    }
+
+    /// A registry whose source of truth is `store`, with `cache_dir` as its local copy: what the
+    /// cache holds is loaded now (so a replica restarted while the store is down still serves);
+    /// [`Registry::start_sync`] then converges on the store every `sync_interval`. Must be called
+    /// within a tokio runtime (uploads reach the store through it).
+    pub fn open_store(
+        cache_dir: &Path,
+        model: ModelInfo,
+        max_file_bytes: usize,
+        observer: Option<Arc<dyn RegistryObserver>>,
+        store: PrefixStore,
+        sync_interval: std::time::Duration,
+    ) -> std::io::Result<Self> {
+        let handle = tokio::runtime::Handle::try_current().map_err(std::io::Error::other)?;
+        let remote = sync::Remote::new(store, handle, sync_interval, cache_dir.to_path_buf());
+        let registry = Self::open_with(cache_dir, model, max_file_bytes, observer, Some(remote))?;
+        let loaded: HashMap<String, String> = registry
+            .read()
+            .iter()
+            .map(|(name, l)| (name.clone(), l.task.version.clone()))
+            .collect();
+        if let Some(remote) = &registry.shared.remote {
+            remote.restore_manifest(&loaded);
+        }
+        Ok(registry)
+    }
+
+    fn open_with(
+        dir: &Path,
+        model: ModelInfo,
+        max_file_bytes: usize,
+        observer: Option<Arc<dyn RegistryObserver>>,
+        remote: Option<sync::Remote>,
+    ) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         disk::remove_stale_temp_files(dir);
         let registry = Self {
@@ -124,11 +178,17 @@ impl Registry {
                 tasks: RwLock::new(HashMap::new()),
                 writes: Mutex::new(()),
                 observer,
+                remote,
             }),
         };
         std::fs::read_dir(dir)?; // an unreadable directory is an error, not an empty registry
         registry.rescan(LoadOrigin::Startup);
         Ok(registry)
+    }
+
+    /// Whether the directory is only the cache of a prefix store.
+    pub fn has_store(&self) -> bool {
+        self.shared.remote.is_some()
     }
 
     pub fn dir(&self) -> &Path {
@@ -208,17 +268,22 @@ impl Registry {
         self.install(name, file)
     }
 
-    /// Validates, persists and swaps in an upload; counts the attempt either way.
+    /// Validates, persists and swaps in an upload; counts the attempt either way. With a store,
+    /// this blocks on the store's PUT: call it from a blocking thread.
     fn install(
         &self,
         name: &str,
         file: Result<PrefixFile, PrefixError>,
     ) -> Result<Arc<Task>, RegistryError> {
-        let result = file.and_then(|mut file| {
+        let result = file.map_err(RegistryError::from).and_then(|mut file| {
             // The file name is the task's name; the metadata is made to agree before persisting.
             file.meta.task = name.to_string();
             let bytes = file.to_bytes()?;
             let task = Task::from_file(&file, self.model(), &bytes)?;
+            drop(file);
+            if self.has_store() {
+                return self.put_to_store(name, bytes, task);
+            }
             let _guard = self.lock_writes();
             write_atomic(&self.path_of(name), &bytes)?;
             let task = Arc::new(task);
@@ -226,12 +291,18 @@ impl Registry {
             Ok(task)
         });
         self.observe_load(LoadOrigin::Upload, result.is_ok());
-        Ok(result?)
+        result
     }
 
     /// Removes task `name` from the map and its file from the directory.
     pub fn delete(&self, name: &str) -> Result<(), RegistryError> {
         check_name(name)?;
+        if self.has_store() {
+            if self.info(name).is_none() {
+                return Err(RegistryError::NotFound(name.to_string()));
+            }
+            return self.delete_from_store(name);
+        }
         let _guard = self.lock_writes();
         if self.info(name).is_none() {
             return Err(RegistryError::NotFound(name.to_string()));
