@@ -122,10 +122,35 @@ fn the_manifests_wire_up() {
         .chain(secret["stringData"].as_mapping().unwrap().keys());
     for key in keys {
         let key = key.as_str().unwrap();
+        // AWS_* are the standard variables the S3 client reads (named in --prefixes' help).
         assert!(
-            help.contains(&format!("[env: {key}")),
+            help.contains(&format!("[env: {key}"))
+                || (key.starts_with("AWS_") && help.contains("AWS_* variables")),
             "prefixd serve reads no {key}"
         );
+    }
+
+    // The replicas share one store, cached on a volume that is mounted and writable.
+    let url = env["PREFIXD_PREFIXES"].as_str().unwrap();
+    assert!(url.starts_with("s3://"), "{url}");
+    prefixd::serving::registry::PrefixStore::open(&prefixd::serving::StoreConfig::new(url))
+        .expect("the store URL parses");
+    let cache = env["PREFIXD_PREFIX_CACHE"].as_str().unwrap();
+    let mount = c["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"] == cache)
+        .expect("the prefix cache is a mounted volume");
+    assert!(mount["readOnly"].is_null() || mount["readOnly"] == false);
+    let volumes = pod["spec"]["volumes"].as_sequence().unwrap();
+    assert!(volumes.iter().any(|v| v["name"] == mount["name"]));
+    for k in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
+        assert!(
+            env[k].is_null(),
+            "{k} belongs in the Secret, not the ConfigMap"
+        );
+        assert!(secret["stringData"][k].is_string(), "{k} in the Secret");
     }
     assert_eq!(
         secret["stringData"]["PREFIXD_ADMIN_TOKEN"], "",

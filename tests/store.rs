@@ -16,6 +16,16 @@ const BUCKET: &str = "fleet";
 const SYNC: Duration = Duration::from_millis(500);
 
 fn replica(endpoint: &str, bucket: &str, cache: &Path, extra: &[&str]) -> Server {
+    replica_as(("test", "test"), endpoint, bucket, cache, extra)
+}
+
+fn replica_as(
+    (key, secret): (&str, &str),
+    endpoint: &str,
+    bucket: &str,
+    cache: &Path,
+    extra: &[&str],
+) -> Server {
     let url = format!("s3://{bucket}/prefixes/");
     let interval = format!("{}", SYNC.as_secs_f64());
     let mut args = vec![
@@ -30,8 +40,8 @@ fn replica(endpoint: &str, bucket: &str, cache: &Path, extra: &[&str]) -> Server
     ];
     args.extend_from_slice(extra);
     let server = Server::start_from(&tiny::model_dir(), url.as_ref(), cache, &args, |cmd| {
-        cmd.env("AWS_ACCESS_KEY_ID", "test")
-            .env("AWS_SECRET_ACCESS_KEY", "test")
+        cmd.env("AWS_ACCESS_KEY_ID", key)
+            .env("AWS_SECRET_ACCESS_KEY", secret)
             .env("AWS_REGION", "us-east-1");
     });
     server.eventually("readiness (first sync)", |s| s.get("/ready").status == 200);
@@ -325,4 +335,43 @@ fn a_wrong_bucket_is_a_clear_error_and_a_warm_restart_fetches_nothing() {
         again.metric("prefixd_prefix_loads_total{origin=\"startup\",result=\"ok\"}"),
         5.0
     );
+}
+
+/// With a store that checks signatures (moto with authentication on): wrong credentials leave a
+/// replica up, stale, saying why, and its uploads refused with nothing written; the right ones
+/// work alongside it.
+#[test]
+fn wrong_credentials_are_a_clear_error_and_change_nothing() {
+    let (moto, (key, secret)) = Moto::start_with_auth(BUCKET);
+    let (cr, cw) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let right = replica_as((&key, &secret), &moto.endpoint, BUCKET, cr.path(), &[]);
+    let wrong = replica_as(
+        (&key, "not-the-secret"),
+        &moto.endpoint,
+        BUCKET,
+        cw.path(),
+        &[],
+    );
+
+    let status = wrong.get("/v1/tasks").body["store"].clone();
+    assert_eq!(status["stale"], true, "{status}");
+    let error = status["error"].as_str().unwrap();
+    assert!(
+        error.contains("SignatureDoesNotMatch") || error.contains("403"),
+        "{error}"
+    );
+    let r = wrong.put("/v1/admin/tasks/spam", OCTET, &native("spam", 1), None);
+    assert_eq!(r.status, 502, "{}", r.text);
+    assert_eq!(r.body["error_type"], "store_unavailable");
+    assert!(wrong.tasks().is_empty());
+
+    let r = right.put("/v1/admin/tasks/spam", OCTET, &native("spam", 1), None);
+    assert_eq!(r.status, 200, "{}", r.text);
+    std::thread::sleep(SYNC * 3);
+    assert_eq!(right.get("/v1/tasks").body["store"]["stale"], false);
+    assert!(
+        wrong.tasks().is_empty(),
+        "nothing reaches a replica the store refuses"
+    );
+    assert_eq!(wrong.get("/ready").status, 200);
 }

@@ -25,6 +25,34 @@ fn free_port() -> u16 {
 
 impl Moto {
     pub fn start() -> Self {
+        Self::start_env(&[])
+    }
+
+    /// moto that checks signatures: returns it with a bucket and the only key it accepts.
+    pub fn start_with_auth(bucket: &str) -> (Self, (String, String)) {
+        // Four unsigned requests for the set-up script, then authentication for everything.
+        let moto = Self::start_env(&[("INITIAL_NO_AUTH_ACTION_COUNT", "4")]);
+        let python = super::repo_root().join(".venv-clients/bin/python");
+        let script = super::repo_root().join("tests/clients/moto_iam.py");
+        let out = Command::new(python)
+            .arg(script)
+            .args([&moto.endpoint, bucket])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let key: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let pair = (
+            key["id"].as_str().unwrap().to_string(),
+            key["secret"].as_str().unwrap().to_string(),
+        );
+        (moto, pair)
+    }
+
+    fn start_env(env: &[(&str, &str)]) -> Self {
         let bin = std::env::var_os("PREFIXD_MOTO_SERVER")
             .map(std::path::PathBuf::from)
             .unwrap_or_else(|| super::repo_root().join(".venv-clients/bin/moto_server"));
@@ -36,6 +64,7 @@ impl Moto {
         let port = free_port();
         let child = Command::new(bin)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

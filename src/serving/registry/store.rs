@@ -114,7 +114,7 @@ impl PrefixStore {
         };
         let (inner, root): (Arc<dyn ObjectStore>, &str) = match scheme {
             "s3" | "s3a" => {
-                let mut b = object_store::aws::AmazonS3Builder::from_env()
+                let mut b = s3_from_env()
                     .with_url(url)
                     .with_client_options(client)
                     .with_retry(retry);
@@ -270,6 +270,21 @@ impl PrefixStore {
         })
         .await
     }
+}
+
+/// `AmazonS3Builder::from_env`, except that empty variables count as unset: a Kubernetes Secret
+/// with an empty `AWS_ACCESS_KEY_ID` means "use the pod's identity", not "sign with an empty key".
+fn s3_from_env() -> object_store::aws::AmazonS3Builder {
+    let mut builder = object_store::aws::AmazonS3Builder::new();
+    for (key, value) in std::env::vars() {
+        if !key.starts_with("AWS_") || value.is_empty() {
+            continue;
+        }
+        if let Ok(config) = key.to_ascii_lowercase().parse() {
+            builder = builder.with_config(config, value);
+        }
+    }
+    builder
 }
 
 /// `bucket/some/path/` → `some/path/`.
