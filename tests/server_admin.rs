@@ -174,6 +174,10 @@ fn a_bad_file_at_startup_is_skipped_and_the_rest_load() {
         server.metric("prefixd_prefix_loads_total{origin=\"startup\",result=\"error\"}"),
         1.0
     );
+    // The weights load behind the ready server.
+    server.eventually("all resident", |s| {
+        s.metric("prefixd_resident_tasks") == 3.0
+    });
     assert_eq!(
         server.metric("prefixd_prefix_loads_total{origin=\"startup\",result=\"ok\"}"),
         3.0

@@ -413,8 +413,14 @@ fn health_readiness_and_metrics() {
         "3 requests ran in {batches} batches"
     );
     assert_eq!(server.metric("prefixd_tasks_loaded"), 3.0);
+    // Weights load behind the server (warm-up) or for a request that gets there first: each
+    // task's file is loaded once, by one or the other.
+    server.eventually("all resident", |s| {
+        s.metric("prefixd_resident_tasks") == 3.0
+    });
     assert_eq!(
-        server.metric("prefixd_prefix_loads_total{origin=\"startup\",result=\"ok\"}"),
+        server.metric("prefixd_prefix_loads_total{origin=\"startup\",result=\"ok\"}")
+            + server.metric("prefixd_prefix_loads_total{origin=\"demand\",result=\"ok\"}"),
         3.0
     );
     assert_eq!(

@@ -326,6 +326,9 @@ fn a_wrong_bucket_is_a_clear_error_and_a_warm_restart_fetches_nothing() {
     drop(first);
     let again = replica(&moto.endpoint, BUCKET, cache.path(), &[]);
     assert_eq!(again.tasks().len(), 5);
+    again.eventually("all resident", |s| {
+        s.metric("prefixd_resident_tasks") == 5.0
+    });
     assert_eq!(
         again.metric("prefixd_prefix_loads_total{origin=\"store\",result=\"ok\"}"),
         0.0,

@@ -104,6 +104,11 @@ pub struct ServeArgs {
     /// 0 turns them off).
     #[arg(long, env = "PREFIXD_RESCAN_INTERVAL", default_value_t = 30.0)]
     pub rescan_interval: f64,
+    /// Most bytes of task weights kept in memory . Past it the
+    /// least recently used tasks are dropped from memory and reloaded from their files on their
+    /// next request. 0: no limit (every task stays loaded).
+    #[arg(long, env = "PREFIXD_MAX_RESIDENT_BYTES", default_value_t = 0)]
+    pub max_resident_bytes: usize,
     /// Tasks that get their own series in /metrics (the first ones asked for); requests for the
     /// others are counted under task="other", so /metrics stays small at any task count.
     #[arg(long, env = "PREFIXD_METRICS_MAX_TASKS", default_value_t = crate::serving::DEFAULT_MAX_TASK_LABELS)]
@@ -201,5 +206,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         rescan_interval: Some(seconds("rescan-interval", args.rescan_interval)?)
             .filter(|d| !d.is_zero()),
         metrics_max_tasks: args.metrics_max_tasks,
+        max_resident_bytes: Some(args.max_resident_bytes).filter(|&b| b > 0),
     })
 }

@@ -92,6 +92,13 @@ impl Task {
         })
     }
 
+    /// Memory the task holds: its prefix keys and values and its head, as f32.
+    pub fn resident_bytes(&self) -> usize {
+        let base = &self.meta.base_model;
+        let prefix = self.meta.num_virtual_tokens * base.layers * 2 * base.hidden;
+        (prefix + self.head.weight.len() + self.head.bias.len()) * 4
+    }
+
     /// The version string of a file's bytes: `sha256:<hex>`.
     pub fn version_of(bytes: &[u8]) -> String {
         format!("sha256:{}", hex::encode(Sha256::digest(bytes)))

@@ -104,8 +104,13 @@ impl TextEncoder {
     /// The most tokens a row of `task` may hold: its own truncation length (when it records one),
     /// the engine's `max_length`, and the model's positions less its P.
     pub fn limit_for_task(&self, task: &crate::engine::Task) -> usize {
-        let limit = self.limit_for(task.num_virtual_tokens());
-        task.meta.max_length.map_or(limit, |n| n.min(limit))
+        self.limit_for_meta(&task.meta)
+    }
+
+    /// [`Self::limit_for_task`] from a task's metadata alone (a task not loaded yet).
+    pub fn limit_for_meta(&self, meta: &crate::prefix::PrefixMeta) -> usize {
+        let limit = self.limit_for(meta.num_virtual_tokens);
+        meta.max_length.map_or(limit, |n| n.min(limit))
     }
 
     /// Encodes one input for `task`: its P, and the truncation length it was trained with.

@@ -48,25 +48,30 @@ impl PrefixFile {
         let st = tensors::parse(bytes)?;
         let header = tensors::metadata(bytes)?;
         let raw = header.get(META_KEY).ok_or(PrefixError::NoMetadata)?;
-        // Read the version first so a newer file says so, instead of failing on a renamed field.
-        let version = serde_json::from_str::<serde_json::Value>(raw)
-            .map_err(|e| PrefixError::BadMetadata(e.to_string()))?
-            .get("format_version")
-            .and_then(|v| v.as_u64())
-            .ok_or_else(|| PrefixError::BadMetadata("no format_version".into()))?;
-        if version != FORMAT_VERSION as u64 {
-            return Err(PrefixError::UnsupportedVersion {
-                found: version as u32,
-            });
-        }
-        let meta: PrefixMeta =
-            serde_json::from_str(raw).map_err(|e| PrefixError::BadMetadata(e.to_string()))?;
+        let meta = parse_meta(raw)?;
         Self::new(
             meta,
             tensors::read_f32(&st, PROMPT_EMBEDDINGS)?,
             tensors::read_f32(&st, CLASSIFIER_WEIGHT)?,
             tensors::read_f32(&st, CLASSIFIER_BIAS)?,
         )
+    }
+
+    /// The metadata alone, from the safetensors header's JSON (the bytes after its 8-byte length):
+    /// what a task is, without reading its tensors.
+    pub fn meta_from_header(header_json: &[u8]) -> Result<PrefixMeta> {
+        #[derive(serde::Deserialize)]
+        struct Header {
+            #[serde(rename = "__metadata__", default)]
+            metadata: HashMap<String, String>,
+        }
+        let header: Header = serde_json::from_slice(header_json)
+            .map_err(|e| PrefixError::NotSafetensors(format!("header: {e}")))?;
+        let raw = header
+            .metadata
+            .get(META_KEY)
+            .ok_or(PrefixError::NoMetadata)?;
+        parse_meta(raw)
     }
 
     pub fn read(path: &Path) -> Result<Self> {
@@ -209,7 +214,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Checks a prefix file against the loaded model: dimensions, room for input after P positions,
 /// and (when recorded) the base weights' fingerprint.
 pub fn check_against_model(file: &PrefixFile, model: &ModelInfo) -> Result<()> {
-    let base = &file.meta.base_model;
+    check_meta_against_model(&file.meta, model)
+}
+
+/// The model checks that need only the metadata (shape, positions, fingerprint).
+pub fn check_meta_against_model(meta: &PrefixMeta, model: &ModelInfo) -> Result<()> {
+    let base = &meta.base_model;
     for (what, prefix, model) in [
         ("layers", base.layers, model.layers),
         ("hidden size", base.hidden, model.hidden),
@@ -223,7 +233,7 @@ pub fn check_against_model(file: &PrefixFile, model: &ModelInfo) -> Result<()> {
             });
         }
     }
-    let p = file.meta.num_virtual_tokens;
+    let p = meta.num_virtual_tokens;
     if p + 2 > model.max_positions {
         return Err(PrefixError::TooManyVirtualTokens {
             p,
@@ -239,4 +249,20 @@ pub fn check_against_model(file: &PrefixFile, model: &ModelInfo) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The `prefixd` metadata JSON, its format version checked first so that a newer file says so
+/// instead of failing on a renamed field.
+fn parse_meta(raw: &str) -> Result<PrefixMeta> {
+    let version = serde_json::from_str::<serde_json::Value>(raw)
+        .map_err(|e| PrefixError::BadMetadata(e.to_string()))?
+        .get("format_version")
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| PrefixError::BadMetadata("no format_version".into()))?;
+    if version != FORMAT_VERSION as u64 {
+        return Err(PrefixError::UnsupportedVersion {
+            found: version as u32,
+        });
+    }
+    serde_json::from_str(raw).map_err(|e| PrefixError::BadMetadata(e.to_string()))
 }

@@ -10,7 +10,7 @@ pub mod peft;
 pub mod synthetic;
 mod tensors;
 
-pub use file::{check_against_model, write_atomic, PrefixFile};
+pub use file::{check_against_model, check_meta_against_model, write_atomic, PrefixFile};
 pub use meta::{
     default_labels, BaseModel, PrefixMeta, ProblemType, Source, FORMAT_VERSION, META_KEY,
 };

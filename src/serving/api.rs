@@ -115,23 +115,27 @@ pub struct TaskInfo {
     pub source: Value,
     /// `sha256:<hex>` of the prefix file.
     pub version: String,
-    /// RFC 3339 time this version was loaded.
+    /// RFC 3339 time this version was loaded (or, if its weights never were, registered).
     pub loaded_at: String,
+    /// Whether the task's weights are in memory now; if not, its next request loads them
+    /// (see `--max-resident-bytes`).
+    pub resident: bool,
 }
 
 impl TaskInfo {
     pub fn new(l: &Loaded, text: &crate::engine::TextEncoder) -> Self {
-        let t = &l.task;
+        let m = &l.meta;
         Self {
-            max_length: text.limit_for_task(t),
-            name: t.name().to_string(),
-            labels: t.labels().to_vec(),
-            problem_type: t.problem_type().as_str().to_string(),
-            num_virtual_tokens: t.num_virtual_tokens(),
-            size_bytes: t.size_bytes,
-            source: serde_json::to_value(&t.meta.source).unwrap_or(Value::Null),
-            version: t.version.clone(),
+            max_length: text.limit_for_meta(m),
+            name: l.name().to_string(),
+            labels: m.labels.clone(),
+            problem_type: m.problem_type.as_str().to_string(),
+            num_virtual_tokens: m.num_virtual_tokens,
+            size_bytes: l.size_bytes,
+            source: serde_json::to_value(&m.source).unwrap_or(Value::Null),
+            version: l.version.clone(),
             loaded_at: rfc3339(l.loaded_at),
+            resident: l.resident,
         }
     }
 }
@@ -285,7 +289,7 @@ impl Books {
     /// Names the task, once it is known to be registered: only registered names become metric
     /// labels, so clients cannot mint new series.
     pub(super) fn task(&mut self, state: &AppState, name: &str) -> Result<(), ApiError> {
-        state.infer.task(name)?;
+        state.infer.check_task(name)?;
         self.task = name.to_string();
         Ok(())
     }
@@ -374,11 +378,13 @@ pub async fn list_tasks(
             "limit {limit}: expected 1 to {MAX_PAGE}"
         )));
     }
-    let page =
-        state
-            .infer
-            .registry()
-            .page(q.prefix.as_deref().unwrap_or(""), q.after.as_deref(), limit);
+    // A page may name tasks never loaded, whose files are hashed for their versions.
+    let registry = state.infer.registry().clone();
+    let page = tokio::task::spawn_blocking(move || {
+        registry.page(q.prefix.as_deref().unwrap_or(""), q.after.as_deref(), limit)
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("listing failed: {e}")))?;
     Ok(Json(TaskList {
         tasks: page
             .tasks
@@ -410,10 +416,11 @@ pub async fn get_task(
     State(state): State<Arc<AppState>>,
     TaskName(name): TaskName,
 ) -> Result<Json<TaskInfo>, ApiError> {
-    state
-        .infer
-        .registry()
-        .info(&name)
+    let registry = state.infer.registry().clone();
+    let lookup = name.clone();
+    tokio::task::spawn_blocking(move || registry.info(&lookup))
+        .await
+        .map_err(|e| ApiError::internal(format!("task lookup failed: {e}")))?
         .map(|l| Json(TaskInfo::new(&l, state.infer.text())))
         .ok_or_else(|| ApiError::unknown_task(&name))
 }

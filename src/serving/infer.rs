@@ -12,7 +12,7 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 
 use super::batcher::{Batcher, Job, JobError, SubmitError};
-use super::registry::Registry;
+use super::registry::{Lookup, Registry, RegistryError};
 use crate::engine::{Prediction, Task, TextEncoder, TextInput};
 
 /// What one classification may ask for.
@@ -96,12 +96,34 @@ impl Infer {
         &self.shared.limits
     }
 
-    /// The task a name refers to now (the version a call would use).
-    pub fn task(&self, name: &str) -> Result<Arc<Task>, InferError> {
-        self.shared
-            .registry
-            .get(name)
-            .ok_or_else(|| InferError::UnknownTask(name.to_string()))
+    /// Whether a task of that name is registered (its weights need not be loaded).
+    pub fn check_task(&self, name: &str) -> Result<(), InferError> {
+        if self.shared.registry.contains(name) {
+            Ok(())
+        } else {
+            Err(InferError::UnknownTask(name.to_string()))
+        }
+    }
+
+    /// The task a name refers to now (the version a call would use); a task whose weights are
+    /// not in memory is loaded from its file on a blocking thread.
+    pub async fn task(&self, name: &str) -> Result<Arc<Task>, InferError> {
+        match self.shared.registry.lookup(name) {
+            Lookup::Ready(task) => Ok(task),
+            Lookup::Missing => Err(InferError::UnknownTask(name.to_string())),
+            Lookup::Cold => {
+                let registry = self.shared.registry.clone();
+                let owned = name.to_string();
+                let span = tracing::debug_span!("load_task", task = name);
+                tokio::task::spawn_blocking(move || span.in_scope(|| registry.load(&owned)))
+                    .await
+                    .map_err(|e| InferError::Failed(format!("loading the task failed: {e}")))?
+                    .map_err(|e| match e {
+                        RegistryError::NotFound(n) => InferError::UnknownTask(n),
+                        e => InferError::Failed(format!("task {name:?} could not be loaded: {e}")),
+                    })
+            }
+        }
     }
 
     /// Classifies `inputs` with task `name`: all rows are admitted together or refused together,
@@ -111,7 +133,7 @@ impl Infer {
         name: &str,
         inputs: Vec<TextInput>,
     ) -> Result<Classified, InferError> {
-        let task = self.task(name)?;
+        let task = self.task(name).await?;
         self.check(&inputs)?;
         let text = self.shared.text.clone();
         let for_task = task.clone();

@@ -44,15 +44,16 @@ pub async fn server_metadata() -> Json<Value> {
     security((), ("api_key" = [])),
     tag = "kserve"
 )]
-pub async fn list_models(State(state): State<Arc<AppState>>) -> Json<Value> {
-    let models: Vec<Value> = state
-        .infer
-        .registry()
-        .list()
+pub async fn list_models(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    // Tasks never loaded have their files hashed for their versions: off the async workers.
+    let registry = state.infer.registry().clone();
+    let models: Vec<Value> = tokio::task::spawn_blocking(move || registry.list())
+        .await
+        .map_err(|e| ApiError::internal(format!("listing failed: {e}")))?
         .iter()
-        .map(|l| json!({"name": l.task.name(), "version": l.task.version, "state": "READY"}))
+        .map(|l| json!({"name": l.name(), "version": l.version, "state": "READY"}))
         .collect();
-    Json(json!({ "models": models }))
+    Ok(Json(json!({ "models": models })))
 }
 
 /// KServe v2 model metadata: inputs `text` (and `text_pair`), outputs `logits`,
@@ -70,7 +71,7 @@ pub async fn model_metadata(
     State(state): State<Arc<AppState>>,
     TaskName(name): TaskName,
 ) -> Result<Json<Value>, ApiError> {
-    let task = state.infer.task(&name)?;
+    let task = state.infer.task(&name).await?;
     let labels = task.labels().len();
     Ok(Json(json!({
         "name": name,
@@ -103,7 +104,7 @@ pub async fn model_ready(
     State(state): State<Arc<AppState>>,
     TaskName(name): TaskName,
 ) -> Result<Json<Value>, ApiError> {
-    state.infer.task(&name)?;
+    state.infer.check_task(&name)?;
     if state.is_draining() {
         return Err(ApiError::draining());
     }

@@ -37,6 +37,11 @@ pub struct Metrics {
     pub store_sync_duration: Histogram,
     pub store_stale: IntGauge,
     pub store_last_sync: prometheus::Gauge,
+    pub task_lookups: IntCounterVec,
+    pub task_load_duration: Histogram,
+    pub tasks_evicted: IntCounter,
+    pub resident_tasks: IntGauge,
+    pub resident_bytes: IntGauge,
 }
 
 impl Metrics {
@@ -105,7 +110,7 @@ impl Metrics {
             prefix_loads: IntCounterVec::new(
                 Opts::new(
                     "prefix_loads_total",
-                    "Prefix load attempts by origin (startup, watch, upload) and result (ok, error).",
+                    "Prefix load attempts by origin (startup, watch, rescan, upload, store, demand) and result (ok, error).",
                 ),
                 &["origin", "result"],
             )?,
@@ -130,6 +135,29 @@ impl Metrics {
             store_last_sync: prometheus::Gauge::new(
                 "store_last_sync_timestamp_seconds",
                 "Unix time of the end of the last successful sync pass with the prefix store.",
+            )?,
+            task_lookups: IntCounterVec::new(
+                Opts::new(
+                    "task_lookups_total",
+                    "Requests by whether their task's weights were in memory (hit) or loaded (miss).",
+                ),
+                &["result"],
+            )?,
+            task_load_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "task_load_duration_seconds",
+                    "Time to load a task's weights from its file for a request (a miss).",
+                )
+                .buckets(exponential_buckets(0.0001, 2.0, 16)?),
+            )?,
+            tasks_evicted: IntCounter::new(
+                "tasks_evicted_total",
+                "Tasks whose weights were dropped from memory to stay within --max-resident-bytes.",
+            )?,
+            resident_tasks: IntGauge::new("resident_tasks", "Tasks with weights in memory.")?,
+            resident_bytes: IntGauge::new(
+                "resident_bytes",
+                "Bytes of task weights in memory (prefix keys/values and heads, f32).",
             )?,
             build_info: prometheus::IntGaugeVec::new(
                 Opts::new("build_info", "Always 1; the labels say what is running."),
@@ -158,6 +186,11 @@ impl Metrics {
         r.register(Box::new(m.tasks_loaded.clone()))?;
         r.register(Box::new(m.prefix_loads.clone()))?;
         r.register(Box::new(m.build_info.clone()))?;
+        r.register(Box::new(m.task_lookups.clone()))?;
+        r.register(Box::new(m.task_load_duration.clone()))?;
+        r.register(Box::new(m.tasks_evicted.clone()))?;
+        r.register(Box::new(m.resident_tasks.clone()))?;
+        r.register(Box::new(m.resident_bytes.clone()))?;
         // Only a server with a prefix store has these series.
         if with_store {
             r.register(Box::new(m.store_syncs.clone()))?;
@@ -221,6 +254,25 @@ impl RegistryObserver for Metrics {
 
     fn tasks_loaded(&self, count: usize) {
         self.tasks_loaded.set(count as i64);
+    }
+
+    fn task_lookup(&self, hit: bool) {
+        self.task_lookups
+            .with_label_values(&[if hit { "hit" } else { "miss" }])
+            .inc();
+    }
+
+    fn task_load(&self, took: std::time::Duration) {
+        self.task_load_duration.observe(took.as_secs_f64());
+    }
+
+    fn tasks_evicted(&self, count: usize) {
+        self.tasks_evicted.inc_by(count as u64);
+    }
+
+    fn resident(&self, tasks: usize, bytes: usize) {
+        self.resident_tasks.set(tasks as i64);
+        self.resident_bytes.set(bytes as i64);
     }
 
     fn store_sync(

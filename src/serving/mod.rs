@@ -110,6 +110,8 @@ pub struct ServeConfig {
     pub metrics_max_tasks: usize,
     /// A prefix store shared by replicas; `prefixes_dir` is then its local cache.
     pub store: Option<StoreSettings>,
+    /// Most bytes of task weights in memory (least recently used dropped past it); None: all.
+    pub max_resident_bytes: Option<usize>,
 }
 
 /// `--prefixes s3://…`: where the store is and how often to converge on it.
@@ -289,6 +291,7 @@ fn describe(engine: &Engine, config: &ServeConfig) -> ServerInfo {
             max_queue_rows: config.batcher.max_queue_rows,
         },
         tasks: 0,
+        resident_tasks: 0,
         api_key_required: config.api_keys.required(),
         admin_enabled: config.admin_token.as_deref().is_some_and(|t| !t.is_empty()),
         store: None, // filled in when asked
@@ -338,21 +341,26 @@ async fn serve_async(config: ServeConfig) -> anyhow::Result<()> {
     let observer: Arc<dyn RegistryObserver> = metrics.clone();
     let dir = config.prefixes_dir.clone();
     let max_file = config.limits.max_upload_bytes;
+    let registry_config = registry::RegistryConfig {
+        max_file_bytes: max_file,
+        max_resident_bytes: config.max_resident_bytes,
+        observer: Some(observer),
+    };
     let (registry, _sync) = match &config.store {
         None => {
             let registry = tokio::task::spawn_blocking(move || {
-                Registry::open(&dir, info, max_file, Some(observer))
+                Registry::open_lazy(&dir, info, registry_config)
             })
             .await?
             .with_context(|| format!("prefixes directory {}", config.prefixes_dir.display()))?;
-            tracing::info!(tasks = registry.len(), dir = %config.prefixes_dir.display(), "prefixes loaded");
+            tracing::info!(tasks = registry.len(), dir = %config.prefixes_dir.display(), "prefixes indexed");
             (registry, None)
         }
         Some(settings) => {
             let store = registry::PrefixStore::open(&settings.store)?;
             let interval = settings.sync_interval;
             let registry = tokio::task::spawn_blocking(move || {
-                Registry::open_store(&dir, info, max_file, Some(observer), store, interval)
+                Registry::open_store(&dir, info, registry_config, store, interval)
             })
             .await?
             .with_context(|| format!("prefix cache {}", config.prefixes_dir.display()))?;
@@ -365,6 +373,14 @@ async fn serve_async(config: ServeConfig) -> anyhow::Result<()> {
             (registry, Some(sync))
         }
     };
+    // Serving starts now; the weights load behind it (a request for a task not loaded yet
+    // loads that one first).
+    {
+        let registry = registry.clone();
+        std::thread::Builder::new()
+            .name("prefix-warm-up".into())
+            .spawn(move || registry.warm_up())?;
+    }
     let _watch = if config.watch && config.store.is_none() {
         Some(
             registry

@@ -103,6 +103,9 @@ pub struct ServerInfo {
     pub limits: LimitsDescription,
     /// Tasks being served now.
     pub tasks: usize,
+    /// Of those, tasks whose weights are in memory (the rest load on their next request).
+    #[serde(default)]
+    pub resident_tasks: usize,
     /// Whether `/v1/classify` and `/v1/tasks` need an API key.
     pub api_key_required: bool,
     /// Whether the admin routes are enabled.
@@ -117,6 +120,7 @@ pub struct ServerInfo {
 pub async fn info(State(state): State<Arc<AppState>>) -> Json<ServerInfo> {
     let mut info = state.info.clone();
     info.tasks = state.infer.registry().len();
+    info.resident_tasks = state.infer.registry().resident_len();
     info.store = state.infer.registry().store_status();
     Json(info)
 }

@@ -11,7 +11,7 @@ use std::io::Read;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
-use crate::prefix::PrefixError;
+use crate::prefix::{PrefixError, PrefixFile, PrefixMeta};
 
 /// What identifies one version of a file on disk: a rename (every upload) or a rewrite changes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +23,10 @@ pub(super) struct Stamp {
 }
 
 impl Stamp {
+    pub(super) fn len(&self) -> u64 {
+        self.len
+    }
+
     fn of(m: &std::fs::Metadata) -> Self {
         Self {
             dev: m.dev(),
@@ -48,7 +52,60 @@ pub(super) fn read_prefix_file(
         source,
     };
     // O_NONBLOCK: opening a FIFO for reading returns at once instead of waiting for a writer.
-    let mut file = match OpenOptions::new()
+    let Some(mut file) = open_regular(path, max_bytes)? else {
+        return Ok(None);
+    };
+    let meta = file.metadata().map_err(io)?;
+    let bytes = read_checked(&mut file, meta.len()).map_err(|e| match e {
+        Read_::Io(e) => io(e),
+        Read_::Bad(m) => PrefixError::NotSafetensors(m),
+    })?;
+    Ok(Some((bytes, Stamp::of(&meta))))
+}
+
+/// A prefix file's metadata and stamp, from its header alone (what indexing a task needs);
+/// `Ok(None)` if nothing is there. Same guards as [`read_prefix_file`].
+pub(super) fn read_prefix_header(
+    path: &Path,
+    max_bytes: usize,
+) -> Result<Option<(PrefixMeta, Stamp)>, PrefixError> {
+    let io = |source| PrefixError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = match open_regular(path, max_bytes)? {
+        Some(f) => f,
+        None => return Ok(None),
+    };
+    let meta = file.metadata().map_err(io)?;
+    let len = meta.len();
+    let mut head = [0u8; 8];
+    if len < 8 {
+        return Err(PrefixError::NotSafetensors(format!(
+            "{len} bytes: too short for a safetensors header"
+        )));
+    }
+    file.read_exact(&mut head).map_err(io)?;
+    let header_len = u64::from_le_bytes(head);
+    if header_len > len - 8 {
+        return Err(PrefixError::NotSafetensors(format!(
+            "the header claims {header_len} bytes but the file has {len}"
+        )));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header).map_err(io)?;
+    let prefix_meta = PrefixFile::meta_from_header(&header)?;
+    Ok(Some((prefix_meta, Stamp::of(&meta))))
+}
+
+/// Opens `path` for reading without blocking (a FIFO returns at once), refusing anything but a
+/// regular file within `max_bytes`. `Ok(None)`: nothing there.
+fn open_regular(path: &Path, max_bytes: usize) -> Result<Option<File>, PrefixError> {
+    let io = |source| PrefixError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = match OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(path)
@@ -67,11 +124,7 @@ pub(super) fn read_prefix_file(
             max: max_bytes as u64,
         });
     }
-    let bytes = read_checked(&mut file, meta.len()).map_err(|e| match e {
-        Read_::Io(e) => io(e),
-        Read_::Bad(m) => PrefixError::NotSafetensors(m),
-    })?;
-    Ok(Some((bytes, Stamp::of(&meta))))
+    Ok(Some(file))
 }
 
 enum Read_ {

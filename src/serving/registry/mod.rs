@@ -15,25 +15,33 @@
 //! With a prefix store (`store.rs`, `sync.rs`: `--prefixes s3://…`) the store is the source of
 //! truth instead and the directory is this replica's cache of it; uploads and deletes go to the
 //! store first, and a sync loop replaces the watcher.
+//!
+//! A task is known before it is loaded: at start every file's header is read (metadata only, so
+//! 10,000 tasks are indexed in a fraction of a second) and the server is ready; the weights load
+//! in the background, or on a task's first request, within `--max-resident-bytes`, evicting the
+//! least recently used (`resident.rs`). The file stays on disk, so an evicted task reloads.
 
 mod disk;
+mod resident;
 pub mod store;
 mod sync;
 mod watch;
 
+pub use resident::Lookup;
 pub use store::{is_store_url, PrefixStore, StoreConfig, StoreError};
 pub use sync::{PassReport, StoreStatus, SyncGuard};
 pub use watch::WatchGuard;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::SystemTime;
 
 use crate::engine::Task;
 use crate::model::ModelInfo;
 use crate::prefix::peft::{self, ImportOptions};
-use crate::prefix::{write_atomic, PrefixError, PrefixFile};
+use crate::prefix::{check_meta_against_model, write_atomic, PrefixError, PrefixFile, PrefixMeta};
 
 pub const EXTENSION: &str = "safetensors";
 
@@ -69,6 +77,8 @@ pub enum LoadOrigin {
     Upload,
     /// Fetched from the prefix store by a sync pass.
     Store,
+    /// A known task's weights, loaded for a request.
+    Demand,
 }
 
 impl LoadOrigin {
@@ -79,6 +89,7 @@ impl LoadOrigin {
             Self::Rescan => "rescan",
             Self::Upload => "upload",
             Self::Store => "store",
+            Self::Demand => "demand",
         }
     }
 }
@@ -89,6 +100,14 @@ pub trait RegistryObserver: Send + Sync {
     fn tasks_loaded(&self, count: usize);
     /// After every pass of the store sync loop.
     fn store_sync(&self, _status: &StoreStatus, _took: std::time::Duration) {}
+    /// A request found its task's weights in memory (`hit`) or had them loaded.
+    fn task_lookup(&self, _hit: bool) {}
+    /// How long loading a task's weights for a request took.
+    fn task_load(&self, _took: std::time::Duration) {}
+    /// Tasks whose weights were dropped to stay within the resident budget.
+    fn tasks_evicted(&self, _count: usize) {}
+    /// Tasks with weights in memory, and their bytes.
+    fn resident(&self, _tasks: usize, _bytes: usize) {}
 }
 
 /// One page of [`Registry::page`].
@@ -98,11 +117,47 @@ pub struct Page {
     pub next_after: Option<String>,
 }
 
-/// A registered task and when this version was loaded.
+/// A registered task as listed: what it is, whether its weights are in memory.
 #[derive(Clone)]
 pub struct Loaded {
-    pub task: Arc<Task>,
+    pub meta: PrefixMeta,
+    /// `sha256:<hex>` of its file.
+    pub version: String,
+    pub size_bytes: usize,
+    /// When this version was loaded or, if it never was, indexed.
     pub loaded_at: SystemTime,
+    /// Whether its weights are in memory (else its next request loads them).
+    pub resident: bool,
+}
+
+impl Loaded {
+    pub fn name(&self) -> &str {
+        &self.meta.task
+    }
+}
+
+/// One task in the map.
+struct Slot {
+    body: Body,
+    /// The file as it was when this was loaded or indexed: a rescan skips a file whose stamp is
+    /// unchanged without reading it.
+    stamp: Option<disk::Stamp>,
+    loaded_at: SystemTime,
+    /// Tick of the last request (see `resident.rs`).
+    last_used: AtomicU64,
+}
+
+enum Body {
+    Resident(Arc<Task>),
+    /// Known from its file's header; the weights are read on demand.
+    Cold(Arc<Cold>),
+}
+
+struct Cold {
+    meta: PrefixMeta,
+    size: usize,
+    /// Hashed only when asked (listing), once.
+    version: OnceLock<String>,
 }
 
 #[derive(Clone)]
@@ -115,57 +170,81 @@ struct Shared {
     model: ModelInfo,
     /// The largest prefix file read from the directory.
     max_file_bytes: usize,
-    tasks: RwLock<HashMap<String, Loaded>>,
+    tasks: RwLock<HashMap<String, Slot>>,
     /// Serialises changes (disk + map) so two uploads of one task cannot interleave.
     writes: Mutex<()>,
     observer: Option<Arc<dyn RegistryObserver>>,
     /// The prefix store, when the directory is only its cache.
     remote: Option<sync::Remote>,
+    residency: resident::Residency,
+}
+
+/// How a registry reads its folder and how much it keeps in memory.
+#[derive(Clone, Default)]
+pub struct RegistryConfig {
+    /// The largest prefix file read from the folder (or the store).
+    pub max_file_bytes: usize,
+    /// Most bytes of task weights in memory; the least recently used are dropped past it (and
+    /// reloaded from their files when asked). None: no limit.
+    pub max_resident_bytes: Option<usize>,
+    pub observer: Option<Arc<dyn RegistryObserver>>,
 }
 
 impl Registry {
-    /// Loads every prefix file in `dir` (created if missing). A bad file is logged, counted and
-    /// skipped; the rest still load. Temp files left by a crashed writer are removed first.
+    /// Loads every prefix file in `dir` (created if missing) before returning. A bad file is
+    /// logged, counted and skipped; the rest still load. Temp files left by a crashed writer are
+    /// removed first.
     pub fn open(
         dir: &Path,
         model: ModelInfo,
         max_file_bytes: usize,
         observer: Option<Arc<dyn RegistryObserver>>,
     ) -> std::io::Result<Self> {
-        Self::open_with(dir, model, max_file_bytes, observer, None)
+        let config = RegistryConfig {
+            max_file_bytes,
+            max_resident_bytes: None,
+            observer,
+        };
+        let registry = Self::index(dir, model, config, None)?;
+        registry.warm_up();
+        Ok(registry)
+    }
+
+    /// Indexes every prefix file in `dir` (headers only: fast) and returns; the weights load on
+    /// first use or when [`Registry::warm_up`] runs (the server runs it in the background).
+    pub fn open_lazy(
+        dir: &Path,
+        model: ModelInfo,
+        config: RegistryConfig,
+    ) -> std::io::Result<Self> {
+        Self::index(dir, model, config, None)
     }
 
     /// A registry whose source of truth is `store`, with `cache_dir` as its local copy: what the
-    /// cache holds is loaded now (so a replica restarted while the store is down still serves);
+    /// cache holds is indexed now (so a replica restarted while the store is down still serves);
     /// [`Registry::start_sync`] then converges on the store every `sync_interval`. Must be called
     /// within a tokio runtime (uploads reach the store through it).
     pub fn open_store(
         cache_dir: &Path,
         model: ModelInfo,
-        max_file_bytes: usize,
-        observer: Option<Arc<dyn RegistryObserver>>,
+        config: RegistryConfig,
         store: PrefixStore,
         sync_interval: std::time::Duration,
     ) -> std::io::Result<Self> {
         let handle = tokio::runtime::Handle::try_current().map_err(std::io::Error::other)?;
         let remote = sync::Remote::new(store, handle, sync_interval, cache_dir.to_path_buf());
-        let registry = Self::open_with(cache_dir, model, max_file_bytes, observer, Some(remote))?;
-        let loaded: HashMap<String, String> = registry
-            .read()
-            .iter()
-            .map(|(name, l)| (name.clone(), l.task.version.clone()))
-            .collect();
+        let registry = Self::index(cache_dir, model, config, Some(remote))?;
+        let cached: Vec<String> = registry.read().keys().cloned().collect();
         if let Some(remote) = &registry.shared.remote {
-            remote.restore_manifest(&loaded);
+            remote.restore_manifest(&cached);
         }
         Ok(registry)
     }
 
-    fn open_with(
+    fn index(
         dir: &Path,
         model: ModelInfo,
-        max_file_bytes: usize,
-        observer: Option<Arc<dyn RegistryObserver>>,
+        config: RegistryConfig,
         remote: Option<sync::Remote>,
     ) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
@@ -174,11 +253,12 @@ impl Registry {
             shared: Arc::new(Shared {
                 dir: dir.to_path_buf(),
                 model,
-                max_file_bytes,
+                max_file_bytes: config.max_file_bytes,
                 tasks: RwLock::new(HashMap::new()),
                 writes: Mutex::new(()),
-                observer,
+                observer: config.observer,
                 remote,
+                residency: resident::Residency::new(config.max_resident_bytes),
             }),
         };
         std::fs::read_dir(dir)?; // an unreadable directory is an error, not an empty registry
@@ -199,38 +279,88 @@ impl Registry {
         &self.shared.model
     }
 
-    pub fn get(&self, name: &str) -> Option<Arc<Task>> {
-        self.read().get(name).map(|l| l.task.clone())
+    /// Whether a task of that name is registered (loaded or not).
+    pub fn contains(&self, name: &str) -> bool {
+        self.read().contains_key(name)
     }
 
+    /// What task `name` is, without its weights. A task never loaded has its file hashed for its
+    /// version the first time it is asked for: call from a blocking thread.
     pub fn info(&self, name: &str) -> Option<Loaded> {
-        self.read().get(name).cloned()
+        let view = self.read().get(name).map(View::of)?;
+        self.finish_view(name, view)
     }
 
-    /// All tasks, sorted by name.
+    /// All tasks, sorted by name (see [`Registry::info`] on blocking).
     pub fn list(&self) -> Vec<Loaded> {
-        let mut all: Vec<Loaded> = self.read().values().cloned().collect();
-        all.sort_by(|a, b| a.task.name().cmp(b.task.name()));
-        all
+        self.page("", None, usize::MAX).tasks
     }
 
     /// Tasks whose name starts with `prefix` and sorts after `after`, sorted, at most `limit`;
     /// with the number matching `prefix` and where the next page starts.
     pub fn page(&self, prefix: &str, after: Option<&str>, limit: usize) -> Page {
-        let map = self.read();
-        let mut names: Vec<&String> = map.keys().filter(|n| n.starts_with(prefix)).collect();
-        let total = names.len();
-        names.retain(|n| after.is_none_or(|a| n.as_str() > a));
-        names.sort_unstable();
-        let more = names.len() > limit;
-        names.truncate(limit);
-        let tasks: Vec<Loaded> = names.iter().map(|n| map[*n].clone()).collect();
+        // The lock is held to pick the page, not to hash files for it.
+        let (views, total, more) = {
+            let map = self.read();
+            let mut names: Vec<&String> = map.keys().filter(|n| n.starts_with(prefix)).collect();
+            let total = names.len();
+            names.retain(|n| after.is_none_or(|a| n.as_str() > a));
+            names.sort_unstable();
+            let more = names.len() > limit;
+            names.truncate(limit);
+            let views: Vec<(String, View)> = names
+                .iter()
+                .map(|n| (n.to_string(), View::of(&map[*n])))
+                .collect();
+            (views, total, more)
+        };
+        let tasks: Vec<Loaded> = views
+            .into_iter()
+            .filter_map(|(name, view)| self.finish_view(&name, view))
+            .collect();
         Page {
             next_after: more
-                .then(|| tasks.last().map(|l| l.task.name().to_string()))
+                .then(|| tasks.last().map(|l| l.name().to_string()))
                 .flatten(),
             tasks,
             total,
+        }
+    }
+
+    /// A cold task's version: hashed from its file once.
+    fn finish_view(&self, name: &str, view: View) -> Option<Loaded> {
+        match view {
+            View::Ready(loaded) => Some(loaded),
+            View::Cold(cold, loaded_at) => {
+                let version = match cold.version.get() {
+                    Some(v) => v.clone(),
+                    None => {
+                        let path = self.path_of(name);
+                        match disk::read_prefix_file(&path, self.shared.max_file_bytes) {
+                            Ok(Some((bytes, _))) => cold
+                                .version
+                                .get_or_init(|| Task::version_of(&bytes))
+                                .clone(),
+                            _ => return None, // gone or unreadable: the watcher settles it
+                        }
+                    }
+                };
+                Some(Loaded {
+                    meta: cold.meta.clone(),
+                    version,
+                    size_bytes: cold.size,
+                    loaded_at,
+                    resident: false,
+                })
+            }
+        }
+    }
+
+    /// The version served for `name` if known without reading a file.
+    fn known_version(&self, name: &str) -> Option<String> {
+        match &self.read().get(name)?.body {
+            Body::Resident(task) => Some(task.version.clone()),
+            Body::Cold(cold) => cold.version.get().cloned(),
         }
     }
 
@@ -285,9 +415,10 @@ impl Registry {
                 return self.put_to_store(name, bytes, task);
             }
             let _guard = self.lock_writes();
-            write_atomic(&self.path_of(name), &bytes)?;
+            let path = self.path_of(name);
+            write_atomic(&path, &bytes)?;
             let task = Arc::new(task);
-            self.insert(name, task.clone());
+            self.insert(name, task.clone(), disk::stamp(&path));
             Ok(task)
         });
         self.observe_load(LoadOrigin::Upload, result.is_ok());
@@ -298,13 +429,13 @@ impl Registry {
     pub fn delete(&self, name: &str) -> Result<(), RegistryError> {
         check_name(name)?;
         if self.has_store() {
-            if self.info(name).is_none() {
+            if !self.contains(name) {
                 return Err(RegistryError::NotFound(name.to_string()));
             }
             return self.delete_from_store(name);
         }
         let _guard = self.lock_writes();
-        if self.info(name).is_none() {
+        if !self.contains(name) {
             return Err(RegistryError::NotFound(name.to_string()));
         }
         let path = self.path_of(name);
@@ -326,6 +457,15 @@ impl Registry {
         let Some(name) = task_name_of(path) else {
             return;
         };
+        // An unchanged file (same inode, size and mtime) is not read again: a rescan of 100,000
+        // files is 100,000 stats, not 35 GB of reads.
+        let now = disk::stamp(path);
+        if now.is_some() && self.read().get(&name).is_some_and(|s| s.stamp == now) {
+            return;
+        }
+        if origin == LoadOrigin::Startup {
+            return self.index_file(path, name);
+        }
         let (bytes, stamp) = match disk::read_prefix_file(path, self.shared.max_file_bytes) {
             Ok(Some(read)) => read,
             Ok(None) => {
@@ -342,8 +482,9 @@ impl Registry {
             }
         };
         let version = Task::version_of(&bytes);
-        if self.info(&name).is_some_and(|l| l.task.version == version) {
-            return; // our own upload, or an unchanged file
+        if self.known_version(&name).as_ref() == Some(&version) {
+            self.restamp(&name, stamp); // touched, not changed
+            return;
         }
         let size = bytes.len();
         let loaded = PrefixFile::from_bytes(&bytes).and_then(|mut file| {
@@ -359,18 +500,43 @@ impl Registry {
                 if disk::stamp(path).as_ref() != Some(&stamp) {
                     return;
                 }
-                if origin == LoadOrigin::Startup {
-                    // Thousands at start: one summary line instead (see `rescan`).
-                    tracing::debug!(task = %name, version = %task.version, "task loaded");
-                } else {
-                    tracing::info!(task = %name, version = %task.version, origin = origin.as_str(), "task loaded");
-                }
-                self.insert(&name, Arc::new(task));
+                tracing::info!(task = %name, version = %task.version, origin = origin.as_str(), "task loaded");
+                self.insert(&name, Arc::new(task), Some(stamp));
                 self.observe_load(origin, true);
             }
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "prefix file rejected; registry unchanged");
                 self.observe_load(origin, false);
+            }
+        }
+    }
+
+    /// Registers a file from its header alone (at start): its weights load later. Header-level
+    /// problems (not a prefix file, another model) are refused here; the rest when it loads.
+    fn index_file(&self, path: &Path, name: String) {
+        let indexed = disk::read_prefix_header(path, self.shared.max_file_bytes).and_then(|read| {
+            let Some((mut meta, stamp)) = read else {
+                return Ok(None);
+            };
+            check_meta_against_model(&meta, self.model())?;
+            meta.task = name.clone();
+            Ok(Some((meta, stamp)))
+        });
+        match indexed {
+            Ok(Some((meta, stamp))) => {
+                let size = stamp.len() as usize;
+                let _guard = self.lock_writes();
+                let cold = Cold {
+                    meta,
+                    size,
+                    version: OnceLock::new(),
+                };
+                self.put_slot(&name, Body::Cold(Arc::new(cold)), Some(stamp));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "prefix file rejected; registry unchanged");
+                self.observe_load(LoadOrigin::Startup, false);
             }
         }
     }
@@ -390,60 +556,20 @@ impl Registry {
         paths.extend(self.read().keys().map(|name| self.path_of(name)));
         paths.sort();
         paths.dedup();
-        // Files are independent: read and validate them on every core (the map's lock is only
-        // taken for each swap). 10,000 tasks load in a fraction of the serial time.
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(paths.len().max(1));
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        std::thread::scope(|s| {
-            for _ in 0..threads {
-                s.spawn(|| loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(path) = paths.get(i) else { break };
-                    self.reconcile(path, origin);
-                });
-            }
-        });
+        // Files are independent: read them on every core (the map's lock is only taken for each
+        // swap).
+        resident::on_every_core(&paths, |path| self.reconcile(path, origin));
         if origin == LoadOrigin::Startup {
             tracing::info!(
                 tasks = self.len(),
                 files = paths.len(),
-                "prefixes directory loaded"
+                "prefixes directory indexed"
             );
         }
     }
 
     fn path_of(&self, name: &str) -> PathBuf {
         self.shared.dir.join(format!("{name}.{EXTENSION}"))
-    }
-
-    fn insert(&self, name: &str, task: Arc<Task>) {
-        let count = {
-            let mut map = self.write();
-            map.insert(
-                name.to_string(),
-                Loaded {
-                    task,
-                    loaded_at: SystemTime::now(),
-                },
-            );
-            map.len()
-        };
-        if let Some(o) = &self.shared.observer {
-            o.tasks_loaded(count);
-        }
-    }
-
-    fn remove(&self, name: &str) -> bool {
-        let (removed, count) = {
-            let mut map = self.write();
-            (map.remove(name).is_some(), map.len())
-        };
-        if let Some(o) = &self.shared.observer {
-            o.tasks_loaded(count);
-        }
-        removed
     }
 
     fn observe_load(&self, origin: LoadOrigin, ok: bool) {
@@ -454,16 +580,37 @@ impl Registry {
 
     // A panic while holding a lock cannot leave the map half-updated (each update is one
     // insert/remove), so a poisoned lock is safe to keep using.
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Loaded>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Slot>> {
         self.shared.tasks.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Loaded>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Slot>> {
         self.shared.tasks.write().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock_writes(&self) -> std::sync::MutexGuard<'_, ()> {
         self.shared.writes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A slot read under the lock, finished (hashed, for a cold one) after it is released.
+enum View {
+    Ready(Loaded),
+    Cold(Arc<Cold>, SystemTime),
+}
+
+impl View {
+    fn of(slot: &Slot) -> Self {
+        match &slot.body {
+            Body::Resident(task) => View::Ready(Loaded {
+                meta: task.meta.clone(),
+                version: task.version.clone(),
+                size_bytes: task.size_bytes,
+                loaded_at: slot.loaded_at,
+                resident: true,
+            }),
+            Body::Cold(cold) => View::Cold(cold.clone(), slot.loaded_at),
+        }
     }
 }
 

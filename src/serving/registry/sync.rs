@@ -31,7 +31,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::store::{Listed, PrefixStore, StoreError};
-use super::{LoadOrigin, Registry, RegistryError};
+use super::{disk, LoadOrigin, Registry, RegistryError};
 use crate::engine::Task;
 use crate::prefix::{write_atomic, PrefixError, PrefixFile};
 
@@ -117,9 +117,9 @@ impl Remote {
         }
     }
 
-    /// Reads the manifest the last run left, keeping the entries that describe what the cache
-    /// just loaded (same content hash); the rest will be fetched again.
-    pub(super) fn restore_manifest(&self, loaded: &HashMap<String, String>) {
+    /// Reads the manifest the last run left, keeping the entries of tasks the cache holds; a pass
+    /// trusts an entry only while its content hash matches the cached file's.
+    pub(super) fn restore_manifest(&self, cached: &[String]) {
         let path = self.cache_dir.join(MANIFEST_FILE);
         let Ok(text) = std::fs::read(&path) else {
             return;
@@ -128,7 +128,7 @@ impl Remote {
             Ok(file) if file.url == self.store.url() => {
                 let mut kept = lock(&self.manifest);
                 for (name, entry) in file.tasks {
-                    if loaded.get(&name) == Some(&entry.version) {
+                    if cached.contains(&name) {
                         kept.insert(name, entry);
                     }
                 }
@@ -319,30 +319,26 @@ impl Registry {
         }
         let max = self.shared.max_file_bytes as u64;
         let mut report = PassReport::default();
+        // Deciding what changed may hash cached files never loaded (after a restart): off the
+        // async workers.
+        let registry = self.clone();
+        let listed = listing.tasks.clone();
+        let snap = snapshot.clone();
+        let todo = tokio::task::spawn_blocking(move || registry.changed(&listed, &snap))
+            .await
+            .unwrap_or_default();
         let mut fetches = tokio::task::JoinSet::new();
         let slots = Arc::new(tokio::sync::Semaphore::new(FETCH_CONCURRENCY));
         let mut first_error = None;
-        for listed in &listing.tasks {
-            let expect = snapshot.get(&listed.task).cloned();
-            let current = expect.as_ref().is_some_and(|e| {
-                e.tag == listed.tag
-                    && self
-                        .info(&listed.task)
-                        .is_some_and(|l| l.task.version == e.version)
-            });
-            if current || lock(&remote.rejected).get(&listed.task) == Some(&listed.tag) {
-                continue;
-            }
+        for listed in todo {
             if listed.size > max {
-                self.reject(
-                    &listed.task,
-                    &listed.tag,
-                    &format!("{} bytes, over the limit of {max}", listed.size),
-                );
+                let why = format!("{} bytes, over the limit of {max}", listed.size);
+                self.reject(&listed.task, &listed.tag, &why);
                 report.rejected += 1;
                 continue;
             }
-            let (registry, listed, slots) = (self.clone(), listed.clone(), slots.clone());
+            let expect = snapshot.get(&listed.task).cloned();
+            let (registry, slots) = (self.clone(), slots.clone());
             fetches.spawn(async move {
                 let _slot = slots.acquire_owned().await;
                 registry.fetch(listed, expect, max).await
@@ -377,6 +373,21 @@ impl Registry {
             Some(e) => Err(e),
             None => Ok(report),
         }
+    }
+
+    /// The listed objects that differ from what is served (and were not found bad before).
+    fn changed(&self, listed: &[Listed], snapshot: &HashMap<String, Entry>) -> Vec<Listed> {
+        let remote = self.remote_or_panic();
+        listed
+            .iter()
+            .filter(|l| {
+                let current = snapshot.get(&l.task).is_some_and(|e| {
+                    e.tag == l.tag && self.info(&l.task).is_some_and(|i| i.version == e.version)
+                });
+                !current && lock(&remote.rejected).get(&l.task) != Some(&l.tag)
+            })
+            .cloned()
+            .collect()
     }
 
     async fn fetch(
@@ -428,7 +439,7 @@ impl Registry {
             tag,
             version: version.clone(),
         };
-        if self.info(name).is_some_and(|l| l.task.version == version) {
+        if self.known_version(name).as_ref() == Some(&version) {
             // Same content under a new tag (a re-upload of the same file, or a cache restored
             // without its manifest): only the record changes.
             let _guard = self.lock_writes();
@@ -445,11 +456,12 @@ impl Registry {
         if remote.entry(name).as_ref() != expect {
             return Ok(Fetched::Unchanged); // an upload or delete here won; the next pass checks
         }
-        if let Err(e) = write_atomic(&self.path_of(name), &bytes) {
+        let path = self.path_of(name);
+        if let Err(e) = write_atomic(&path, &bytes) {
             // The store has it; only a restart while the store is down would miss it.
             tracing::warn!(task = %name, error = %e, "prefix cache not written");
         }
-        self.insert(name, Arc::new(task));
+        self.insert(name, Arc::new(task), disk::stamp(&path));
         remote.set_entry(name, Some(entry));
         lock(&remote.rejected).remove(name);
         tracing::info!(task = %name, origin = "store", "task loaded");
@@ -463,7 +475,7 @@ impl Registry {
         let first = lock(&remote.rejected).insert(name.to_string(), tag.to_string())
             != Some(tag.to_string());
         if first {
-            let serving = self.info(name).map(|l| l.task.version.clone());
+            let serving = self.known_version(name);
             tracing::warn!(task = %name, tag = %tag, error = %why, serving = ?serving, "store object rejected; the version already loaded (if any) keeps serving");
             self.observe_load(LoadOrigin::Store, false);
         }
@@ -504,10 +516,11 @@ impl Registry {
         };
         let task = Arc::new(task);
         let _guard = self.lock_writes();
-        if let Err(e) = write_atomic(&self.path_of(name), &bytes) {
+        let path = self.path_of(name);
+        if let Err(e) = write_atomic(&path, &bytes) {
             tracing::warn!(task = %name, error = %e, "prefix cache not written (the store has the upload)");
         }
-        self.insert(name, task.clone());
+        self.insert(name, task.clone(), disk::stamp(&path));
         remote.set_entry(name, Some(entry));
         lock(&remote.rejected).remove(name);
         Ok(task)
