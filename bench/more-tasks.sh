@@ -26,7 +26,7 @@ tail -200 "$work/all.tasks" > "$work/cold.tasks"   # warm-up loads in name order
 prefix_bytes=$(du -sbL "$many" | cut -f1)
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs); tasks: $(wc -l < "$work/all.tasks"); prefix bytes: $prefix_bytes; budget: $budget"
 
-rss() { awk '/VmRSS/ {print $2 * 1024}' "/proc/$1/status"; }
+rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }   # KiB
 measure() { # name dir tasks_file extra-args…
   local name=$1 dir=$2 tasks=$3; shift 3
   local port=$((20000 + RANDOM % 20000)) start; start=$(date +%s.%N)
@@ -51,7 +51,7 @@ measure() { # name dir tasks_file extra-args…
   misses=$(curl -s http://127.0.0.1:$port/metrics | awk '/^prefixd_task_lookups_total\{result="miss"\}/ {print $2}')
   evicted=$(curl -s http://127.0.0.1:$port/metrics | awk '/^prefixd_tasks_evicted_total/ {print $2}')
   kill $pid; wait $pid 2>/dev/null || true
-  echo "$name {\"ready_s\": $ready, \"resident_tasks\": $now, \"peak_rss\": $(cat "$work/$name.peak"), \"hits\": ${hits:-0}, \"misses\": ${misses:-0}, \"evicted\": ${evicted:-0}, \"load\": $load}"
+  echo "$name {\"ready_s\": $ready, \"resident_tasks\": $now, \"peak_rss_kib\": $(cat "$work/$name.peak"), \"hits\": ${hits:-0}, \"misses\": ${misses:-0}, \"evicted\": ${evicted:-0}, \"load\": $load}"
 }
 ten=$(measure ten "$work/ten" "$work/ten.tasks"); echo "$ten"
 more=$(measure many "$many" "$work/all.tasks" --max-resident-bytes "$budget"); echo "$more"
@@ -69,7 +69,7 @@ rows = [
   (f"Zipf (s = {more['load']['zipf_s']}) mix, 8 clients (rows/s)", f"{ten['load']['rows_per_s']:.0f}", f"{more['load']['rows_per_s']:.0f}",
    f"**{more['load']['rows_per_s'] / ten['load']['rows_per_s']:.2f}×**"),
   ("hit rate (whole run)", "", f"{hit:.3f}", f"{int(more['evicted'])} evictions"),
-  ("peak RSS (MB)", f"{ten['peak_rss']/1e6:.0f}", f"{more['peak_rss']/1e6:.0f}",
+  ("peak RSS (MB)", f"{ten['peak_rss_kib']*1024/1e6:.0f}", f"{more['peak_rss_kib']*1024/1e6:.0f}",
    f"model {mb/1e6:.0f} + budget {budget/1e6:.0f}"),
 ]
 print(f"\n| measure | 10,000 tasks, all resident | {more['load']['tasks']:,} tasks, budget | note |\n|---|---:|---:|---|")

@@ -99,12 +99,21 @@ impl Registry {
 
     fn load_as(&self, name: &str, origin: LoadOrigin) -> Result<Arc<Task>, RegistryError> {
         let path = self.path_of(name);
+        // An evicted task's version is known: if its file has not changed since (same stamp),
+        // reloading it need not hash it again.
+        let known = self.read().get(name).and_then(|slot| match &slot.body {
+            Body::Cold(cold) => cold.version.get().cloned().zip(slot.stamp.clone()),
+            Body::Resident(_) => None,
+        });
         let read = disk::read_prefix_file(&path, self.shared.max_file_bytes);
         let loaded = read.and_then(|read| {
             let Some((bytes, stamp)) = read else {
                 return Ok(None);
             };
-            let version = Task::version_of(&bytes);
+            let version = match known {
+                Some((version, was)) if was == stamp => version,
+                _ => Task::version_of(&bytes),
+            };
             let mut file = PrefixFile::from_bytes(&bytes)?;
             file.meta.task = name.to_string();
             let task = Task::with_version(&file, self.model(), version, bytes.len())?;
