@@ -122,3 +122,23 @@ fn a_large_directory_loads_in_full() {
         assert_eq!(r.status, 200, "{name}: {}", r.text);
     }
 }
+
+/// A bad file is reported once, not at every rescan; changing it gets it looked at again.
+#[test]
+fn a_bad_file_is_reported_once_until_it_changes() {
+    let (dir, server) = start(2, &["--rescan-interval", "0.2"]);
+    let errors = |s: &Server| {
+        s.metric("prefixd_prefix_loads_total{origin=\"watch\",result=\"error\"}")
+            + s.metric("prefixd_prefix_loads_total{origin=\"rescan\",result=\"error\"}")
+    };
+    let bad = dir.path().join("bad.safetensors");
+    std::fs::write(&bad, b"not a prefix file").unwrap();
+    server.eventually("the bad file counted", |s| errors(s) >= 1.0);
+    std::thread::sleep(std::time::Duration::from_millis(1500)); // seven rescans
+    assert_eq!(errors(&server), 1.0);
+    std::fs::write(&bad, b"still not a prefix file, but another one").unwrap();
+    server.eventually("the changed file counted", |s| errors(s) >= 2.0);
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    assert_eq!(errors(&server), 2.0);
+    assert_eq!(server.tasks().len(), 2);
+}

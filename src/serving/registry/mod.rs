@@ -149,6 +149,8 @@ struct Shared {
     tasks: RwLock<HashMap<String, Slot>>,
     /// Serialises changes (disk + map) so two uploads of one task cannot interleave.
     writes: Mutex<()>,
+    /// Files found bad, by the stamp they had: reported once, not at every rescan.
+    refused: Mutex<HashMap<String, disk::Stamp>>,
     observer: Option<Arc<dyn RegistryObserver>>,
     /// The prefix store, when the directory is only its cache.
     remote: Option<sync::Remote>,
@@ -232,6 +234,7 @@ impl Registry {
                 max_file_bytes: config.max_file_bytes,
                 tasks: RwLock::new(HashMap::new()),
                 writes: Mutex::new(()),
+                refused: Mutex::new(HashMap::new()),
                 observer: config.observer,
                 remote,
                 residency: resident::Residency::new(config.max_resident_bytes),
@@ -359,6 +362,9 @@ impl Registry {
         if now.is_some() && self.read().get(&name).is_some_and(|s| s.stamp == now) {
             return;
         }
+        if now.is_some() && self.refused().get(&name) == now.as_ref() {
+            return; // the same bad file, already reported
+        }
         if origin == LoadOrigin::Startup {
             return self.index_file(path, name);
         }
@@ -374,6 +380,7 @@ impl Registry {
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "prefix file not loaded; registry unchanged");
                 self.observe_load(origin, false);
+                self.refuse(&name, now);
                 return;
             }
         };
@@ -403,8 +410,25 @@ impl Registry {
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "prefix file rejected; registry unchanged");
                 self.observe_load(origin, false);
+                self.refuse(&name, Some(stamp));
             }
         }
+    }
+
+    fn refused(&self) -> std::sync::MutexGuard<'_, HashMap<String, disk::Stamp>> {
+        self.shared
+            .refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Remembers a bad file's stamp so that rescans skip it until it changes.
+    fn refuse(&self, name: &str, stamp: Option<disk::Stamp>) {
+        let mut refused = self.refused();
+        match stamp {
+            Some(stamp) => refused.insert(name.to_string(), stamp),
+            None => refused.remove(name),
+        };
     }
 
     /// Registers a file from its header alone (at start): its weights load later. Header-level
@@ -433,6 +457,7 @@ impl Registry {
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "prefix file rejected; registry unchanged");
                 self.observe_load(LoadOrigin::Startup, false);
+                self.refuse(&name, disk::stamp(path));
             }
         }
     }
