@@ -9,6 +9,7 @@ use common::tiny;
 use serde_json::json;
 use std::path::Path;
 
+const TEXT: &str = "more tasks than memory";
 const TASKS: usize = 30;
 const RESIDENT: usize = 5;
 
@@ -20,17 +21,6 @@ fn names() -> Vec<String> {
 fn task_cost() -> usize {
     let info = tiny::model_info();
     (3 * info.layers * 2 * info.hidden + 2 * info.hidden + 2) * 4
-}
-
-fn logits(server: &Server, task: &str) -> Vec<f64> {
-    let r = server.classify(&json!({"task": task, "inputs": ["more tasks than memory"]}));
-    assert_eq!(r.status, 200, "{}", r.text);
-    r.body["results"][0]["logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect()
 }
 
 fn seed(dir: &Path) {
@@ -76,8 +66,8 @@ fn a_resident_budget_bounds_memory_and_every_task_still_answers() {
     for round in 0..2 {
         for name in names() {
             assert_eq!(
-                logits(&few, &name),
-                logits(&all, &name),
+                few.logits(&name, TEXT),
+                all.logits(&name, TEXT),
                 "{name}, round {round}"
             );
             let bytes = few.metric("prefixd_resident_bytes");
@@ -100,8 +90,8 @@ fn a_resident_budget_bounds_memory_and_every_task_still_answers() {
     // A hot task stays hot: asked for between every other, it is never evicted.
     let before = few.metric("prefixd_task_lookups_total{result=\"miss\"}");
     for name in names().iter().take(12) {
-        logits(&few, "t29");
-        logits(&few, name);
+        few.logits("t29", TEXT);
+        few.logits(name, TEXT);
     }
     let after = few.metric("prefixd_task_lookups_total{result=\"miss\"}");
     assert!(after - before <= 12.0, "t29 was evicted while in use");
@@ -155,7 +145,7 @@ fn a_cold_task_with_a_bad_file_fails_clearly() {
         server.metric("prefixd_prefix_loads_total{origin=\"demand\",result=\"error\"}"),
         1.0
     );
-    assert_eq!(logits(&server, "t00").len(), 2);
+    assert_eq!(server.logits("t00", TEXT).len(), 2);
 
     let upload = tiny::prefix("fresh", 3, 2, 77).to_bytes().unwrap();
     let r = server.put(

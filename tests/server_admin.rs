@@ -20,12 +20,6 @@ fn native(case: &str) -> PrefixFile {
     .unwrap()
 }
 
-fn logits_of(server: &Server, task: &str, text: &str) -> Vec<f32> {
-    let r = server.classify(&json!({"task": task, "inputs": text}));
-    assert_eq!(r.status, 200, "{}", r.text);
-    serde_json::from_value(r.body["results"][0]["logits"].clone()).unwrap()
-}
-
 fn fixture_text_and_logits(case: &str) -> (String, Vec<f32>) {
     let c = cases(case)
         .into_iter()
@@ -47,7 +41,7 @@ fn upload_replace_delete_restart() {
     assert_eq!(r.body["name"], "sentiment");
     assert_eq!(r.body["num_virtual_tokens"], 8);
     let (text, want) = fixture_text_and_logits("sst2-like-p8");
-    assert!(max_abs_diff(&logits_of(&server, "sentiment", &text), &want) <= 1e-4);
+    assert!(max_abs_diff(&server.logits("sentiment", &text), &want) <= 1e-4);
     assert!(
         dir.path().join("sentiment.safetensors").is_file(),
         "persisted"
@@ -98,7 +92,7 @@ fn upload_replace_delete_restart() {
     );
     assert_eq!(r.status, 200, "{}", r.text);
     assert_ne!(r.body["version"], old_version);
-    let replaced = logits_of(&server, "sentiment", &text);
+    let replaced = server.logits("sentiment", &text);
     assert!(
         (replaced[0] - want[0] - 3.0).abs() < 1e-4,
         "replacement serves: {replaced:?}"
@@ -109,7 +103,7 @@ fn upload_replace_delete_restart() {
     drop(server);
     let server = Server::start(dir.path(), &[]);
     assert_eq!(server.tasks(), before);
-    assert!((logits_of(&server, "sentiment", &text)[0] - replaced[0]).abs() < 1e-6);
+    assert!((server.logits("sentiment", &text)[0] - replaced[0]).abs() < 1e-6);
 
     // Delete: gone from the registry and the directory.
     let r = server.delete("/v1/admin/tasks/sentiment", None);
@@ -144,7 +138,7 @@ fn hand_edits_to_the_directory_are_picked_up() {
         s.get("/v1/tasks/dropped").status == 200
     });
     let (text, want) = fixture_text_and_logits("proj-p10");
-    assert!(max_abs_diff(&logits_of(&server, "dropped", &text), &want) <= 1e-4);
+    assert!(max_abs_diff(&server.logits("dropped", &text), &want) <= 1e-4);
     assert!(server.metric(loads_ok) >= 1.0);
 
     // Replaced by hand with a bad file: rejected, the old version keeps serving.
@@ -152,7 +146,7 @@ fn hand_edits_to_the_directory_are_picked_up() {
     std::fs::write(dir.path().join("dropped.safetensors"), b"garbage").unwrap();
     server.eventually("bad file counted", |s| s.metric(loads_err) >= 1.0);
     assert_eq!(server.get("/v1/tasks/dropped").body["version"], version);
-    assert!(max_abs_diff(&logits_of(&server, "dropped", &text), &want) <= 1e-4);
+    assert!(max_abs_diff(&server.logits("dropped", &text), &want) <= 1e-4);
 
     // Other files are ignored; removal unloads.
     std::fs::write(dir.path().join("notes.txt"), b"not a prefix").unwrap();
@@ -432,7 +426,7 @@ fn bad_uploads_change_nothing() {
     }
     assert!(snapshot(dir.path()) == disk_before);
     let (text, want) = fixture_text_and_logits("sst2-like-p8");
-    assert!(max_abs_diff(&logits_of(&server, "sst2-like-p8", &text), &want) <= 1e-4);
+    assert!(max_abs_diff(&server.logits("sst2-like-p8", &text), &want) <= 1e-4);
 }
 
 #[test]

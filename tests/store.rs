@@ -6,10 +6,10 @@ mod common;
 use common::s3::{Moto, Proxy};
 use common::server::Server;
 use common::tiny;
-use serde_json::json;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+const TEXT: &str = "the store is the truth";
 const OCTET: &str = "application/octet-stream";
 const BUCKET: &str = "fleet";
 /// Short, so the tests are quick; the default is 5 s.
@@ -57,17 +57,6 @@ fn version_on(server: &Server, task: &str) -> Option<String> {
     (r.status == 200).then(|| r.body["version"].as_str().unwrap().to_string())
 }
 
-fn logits(server: &Server, task: &str) -> Vec<f64> {
-    let r = server.classify(&json!({"task": task, "inputs": ["the store is the truth"]}));
-    assert_eq!(r.status, 200, "{}", r.text);
-    r.body["results"][0]["logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect()
-}
-
 /// Polls until `f` holds or `limit` passes; returns how long it took.
 fn within(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();
@@ -98,7 +87,7 @@ fn two_replicas_converge_on_one_bucket() {
         version_on(&b, "spam").as_deref() == Some(v1.as_str())
     });
     println!("convergence: upload through A servable on B after {took:?}");
-    assert_eq!(logits(&a, "spam"), logits(&b, "spam"));
+    assert_eq!(a.logits("spam", TEXT), b.logits("spam", TEXT));
     // The store holds exactly the file A validated; each cache holds a copy.
     let stored = moto
         .get_object(BUCKET, "prefixes/spam.safetensors")
@@ -120,7 +109,7 @@ fn two_replicas_converge_on_one_bucket() {
         version_on(&b, "spam").as_deref() == Some(v2.as_str())
     });
     println!("convergence: replacement through A on B after {took:?}");
-    assert_eq!(logits(&a, "spam"), logits(&b, "spam"));
+    assert_eq!(a.logits("spam", TEXT), b.logits("spam", TEXT));
 
     // A third party writes the bucket directly (a CI job, `aws s3 cp`).
     moto.put_object(BUCKET, "prefixes/news.safetensors", &native("news", 3));
@@ -173,7 +162,7 @@ fn bad_objects_leave_the_previous_version_serving() {
     within("B has spam", Duration::from_secs(3), || {
         version_on(&b, "spam").is_some()
     });
-    let before = logits(&b, "spam");
+    let before = b.logits("spam", TEXT);
 
     // Garbage, a prefix for another model (hidden size), an object over the size limit, and a
     // key that is no task name.
@@ -200,7 +189,7 @@ fn bad_objects_leave_the_previous_version_serving() {
         assert_eq!(s.tasks().len(), 1);
         assert_eq!(s.get("/v1/tasks").body["store"]["stale"], false);
     }
-    assert_eq!(logits(&b, "spam"), before);
+    assert_eq!(b.logits("spam", TEXT), before);
     // The caches kept the good file, so a restart would serve it too.
     assert_eq!(
         std::fs::read(cb.path().join("spam.safetensors")).unwrap(),
@@ -247,7 +236,7 @@ fn replicas_outlive_the_store() {
         b.tasks().len() == 2
     });
     let served = b.tasks();
-    let spam = logits(&b, "spam");
+    let spam = b.logits("spam", TEXT);
 
     proxy.set_up(false);
     let stale = |s: &Server| s.get("/v1/tasks").body["store"]["stale"] == true;
@@ -259,7 +248,7 @@ fn replicas_outlive_the_store() {
     std::thread::sleep(SYNC * 3);
     assert_eq!(a.tasks(), served);
     assert_eq!(b.tasks(), served);
-    assert_eq!(logits(&b, "spam"), spam);
+    assert_eq!(b.logits("spam", TEXT), spam);
     assert_eq!(b.get("/ready").status, 200, "serving what it has is ready");
     assert!(b.get("/v1/tasks").body["store"]["error"].is_string());
 
@@ -274,7 +263,7 @@ fn replicas_outlive_the_store() {
     drop(b);
     let b = replica(&proxy.endpoint, BUCKET, cb.path(), &[]);
     assert_eq!(b.tasks(), served);
-    assert_eq!(logits(&b, "spam"), spam);
+    assert_eq!(b.logits("spam", TEXT), spam);
     assert!(stale(&b));
 
     // A change made while they were cut off reaches both once the store is back.

@@ -202,6 +202,13 @@ impl Server {
         Self::reply(req.send(body))
     }
 
+    /// The logits of one text for `task` (asserting a 200).
+    pub fn logits(&self, task: &str, text: &str) -> Vec<f32> {
+        let r = self.classify(&serde_json::json!({"task": task, "inputs": text}));
+        assert_eq!(r.status, 200, "{}", r.text);
+        serde_json::from_value(r.body["results"][0]["logits"].clone()).unwrap()
+    }
+
     pub fn classify(&self, body: &Value) -> Reply {
         self.post_json("/v1/classify", body)
     }

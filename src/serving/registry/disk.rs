@@ -56,10 +56,7 @@ pub(super) fn read_prefix_file(
         return Ok(None);
     };
     let meta = file.metadata().map_err(io)?;
-    let bytes = read_checked(&mut file, meta.len()).map_err(|e| match e {
-        Read_::Io(e) => io(e),
-        Read_::Bad(m) => PrefixError::NotSafetensors(m),
-    })?;
+    let bytes = read_checked(&mut file, meta.len()).map_err(|e| e.at(path))?;
     Ok(Some((bytes, Stamp::of(&meta))))
 }
 
@@ -78,22 +75,13 @@ pub(super) fn read_prefix_header(
         None => return Ok(None),
     };
     let meta = file.metadata().map_err(io)?;
-    let len = meta.len();
-    let mut head = [0u8; 8];
-    if len < 8 {
-        return Err(PrefixError::NotSafetensors(format!(
-            "{len} bytes: too short for a safetensors header"
-        )));
-    }
-    file.read_exact(&mut head).map_err(io)?;
-    let header_len = u64::from_le_bytes(head);
-    if header_len > len - 8 {
-        return Err(PrefixError::NotSafetensors(format!(
-            "the header claims {header_len} bytes but the file has {len}"
-        )));
-    }
-    let mut header = vec![0u8; header_len as usize];
-    file.read_exact(&mut header).map_err(io)?;
+    let read_header = |file: &mut File| -> Result<Vec<u8>, Read_> {
+        let (_, header_len) = read_header_len(file, meta.len())?;
+        let mut header = vec![0u8; header_len as usize];
+        file.read_exact(&mut header).map_err(Read_::Io)?;
+        Ok(header)
+    };
+    let header = read_header(&mut file).map_err(|e| e.at(path))?;
     let prefix_meta = PrefixFile::meta_from_header(&header)?;
     Ok(Some((prefix_meta, Stamp::of(&meta))))
 }
@@ -132,14 +120,26 @@ enum Read_ {
     Bad(String),
 }
 
-/// The 8-byte header length first: a file that cannot hold its own header is refused unread.
-fn read_checked(file: &mut File, len: u64) -> Result<Vec<u8>, Read_> {
-    let mut head = [0u8; 8];
+impl Read_ {
+    fn at(self, path: &Path) -> PrefixError {
+        match self {
+            Read_::Io(source) => PrefixError::Io {
+                path: path.to_path_buf(),
+                source,
+            },
+            Read_::Bad(m) => PrefixError::NotSafetensors(m),
+        }
+    }
+}
+
+/// The 8-byte header length (and its bytes), refused if the file cannot hold that header.
+fn read_header_len(file: &mut File, len: u64) -> Result<([u8; 8], u64), Read_> {
     if len < 8 {
         return Err(Read_::Bad(format!(
             "{len} bytes: too short for a safetensors header"
         )));
     }
+    let mut head = [0u8; 8];
     file.read_exact(&mut head).map_err(Read_::Io)?;
     let header_len = u64::from_le_bytes(head);
     if header_len > len - 8 {
@@ -147,6 +147,12 @@ fn read_checked(file: &mut File, len: u64) -> Result<Vec<u8>, Read_> {
             "the header claims {header_len} bytes but the file has {len}"
         )));
     }
+    Ok((head, header_len))
+}
+
+/// The 8-byte header length first: a file that cannot hold its own header is refused unread.
+fn read_checked(file: &mut File, len: u64) -> Result<Vec<u8>, Read_> {
+    let (head, _) = read_header_len(file, len)?;
     let mut bytes = Vec::with_capacity(len as usize);
     bytes.extend_from_slice(&head);
     // Bounded by the size checked above, even if the file grows while being read.

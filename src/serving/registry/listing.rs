@@ -82,19 +82,7 @@ impl Registry {
         match view {
             View::Ready(loaded) => Some(loaded),
             View::Cold(cold, loaded_at) => {
-                let version = match cold.version.get() {
-                    Some(v) => v.clone(),
-                    None => {
-                        let path = self.path_of(name);
-                        match disk::read_prefix_file(&path, self.shared.max_file_bytes) {
-                            Ok(Some((bytes, _))) => cold
-                                .version
-                                .get_or_init(|| Task::version_of(&bytes))
-                                .clone(),
-                            _ => return None, // gone or unreadable: the watcher settles it
-                        }
-                    }
-                };
+                let version = self.cold_version(name, &cold)?;
                 Some(Loaded {
                     meta: cold.meta.clone(),
                     version,
@@ -103,6 +91,31 @@ impl Registry {
                     resident: false,
                 })
             }
+        }
+    }
+
+    /// The version served for `name`; a cold task's file is hashed the first time (blocking).
+    pub(super) fn version(&self, name: &str) -> Option<String> {
+        let cold = match &self.read().get(name)?.body {
+            Body::Resident(task) => return Some(task.version.clone()),
+            Body::Cold(cold) => cold.clone(),
+        };
+        self.cold_version(name, &cold)
+    }
+
+    /// Hashed from its file once; None if the file is gone or unreadable (the watcher settles it).
+    fn cold_version(&self, name: &str, cold: &Cold) -> Option<String> {
+        if let Some(v) = cold.version.get() {
+            return Some(v.clone());
+        }
+        let path = self.path_of(name);
+        match disk::read_prefix_file(&path, self.shared.max_file_bytes) {
+            Ok(Some((bytes, _))) => Some(
+                cold.version
+                    .get_or_init(|| Task::version_of(&bytes))
+                    .clone(),
+            ),
+            _ => None,
         }
     }
 

@@ -212,7 +212,7 @@ impl Registry {
         let handle = tokio::runtime::Handle::try_current().map_err(std::io::Error::other)?;
         let remote = sync::Remote::new(store, handle, sync_interval, cache_dir.to_path_buf());
         let registry = Self::index(cache_dir, model, config, Some(remote))?;
-        let cached: Vec<String> = registry.read().keys().cloned().collect();
+        let cached: std::collections::HashSet<String> = registry.read().keys().cloned().collect();
         if let Some(remote) = &registry.shared.remote {
             remote.restore_manifest(&cached);
         }

@@ -119,7 +119,7 @@ impl Remote {
 
     /// Reads the manifest the last run left, keeping the entries of tasks the cache holds; a pass
     /// trusts an entry only while its content hash matches the cached file's.
-    pub(super) fn restore_manifest(&self, cached: &[String]) {
+    pub(super) fn restore_manifest(&self, cached: &HashSet<String>) {
         let path = self.cache_dir.join(MANIFEST_FILE);
         let Ok(text) = std::fs::read(&path) else {
             return;
@@ -382,7 +382,7 @@ impl Registry {
             .iter()
             .filter(|l| {
                 let current = snapshot.get(&l.task).is_some_and(|e| {
-                    e.tag == l.tag && self.info(&l.task).is_some_and(|i| i.version == e.version)
+                    e.tag == l.tag && self.version(&l.task).as_ref() == Some(&e.version)
                 });
                 !current && lock(&remote.rejected).get(&l.task) != Some(&l.tag)
             })
@@ -456,14 +456,7 @@ impl Registry {
         if remote.entry(name).as_ref() != expect {
             return Ok(Fetched::Unchanged); // an upload or delete here won; the next pass checks
         }
-        let path = self.path_of(name);
-        if let Err(e) = write_atomic(&path, &bytes) {
-            // The store has it; only a restart while the store is down would miss it.
-            tracing::warn!(task = %name, error = %e, "prefix cache not written");
-        }
-        self.insert(name, Arc::new(task), disk::stamp(&path));
-        remote.set_entry(name, Some(entry));
-        lock(&remote.rejected).remove(name);
+        self.install_cached(name, &bytes, Arc::new(task), entry);
         tracing::info!(task = %name, origin = "store", "task loaded");
         self.observe_load(LoadOrigin::Store, true);
         Ok(Fetched::Loaded)
@@ -516,14 +509,21 @@ impl Registry {
         };
         let task = Arc::new(task);
         let _guard = self.lock_writes();
+        self.install_cached(name, &bytes, task.clone(), entry);
+        Ok(task)
+    }
+
+    /// What the store has, in the cache, the map and the manifest (caller holds the writers'
+    /// lock). A cache that cannot be written only costs a restart while the store is down.
+    fn install_cached(&self, name: &str, bytes: &[u8], task: Arc<Task>, entry: Entry) {
+        let remote = self.remote_or_panic();
         let path = self.path_of(name);
-        if let Err(e) = write_atomic(&path, &bytes) {
-            tracing::warn!(task = %name, error = %e, "prefix cache not written (the store has the upload)");
+        if let Err(e) = write_atomic(&path, bytes) {
+            tracing::warn!(task = %name, error = %e, "prefix cache not written (the store has it)");
         }
-        self.insert(name, task.clone(), disk::stamp(&path));
+        self.insert(name, task, disk::stamp(&path));
         remote.set_entry(name, Some(entry));
         lock(&remote.rejected).remove(name);
-        Ok(task)
     }
 
     /// A delete in store mode: the store first, then the cache and the map.
