@@ -4,10 +4,9 @@
 #
 #   bench/compare.sh [--isa native|avx2] [seconds=5]
 #
-# --isa avx2 caps prefixd (PREFIXD_ISA) and PyTorch (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA,
-# MKL_ENABLE_INSTRUCTIONS) at AVX2 + FMA, so an AVX-512 machine measures what an AVX2-only one
-# runs. ONNX Runtime cannot be capped (MLAS reads CPUID itself): its figures stay native, which
-# makes the AVX2 comparison a conservative one for prefixd. Each engine reports the kernels it ran.
+# --isa avx2 makes all three engines see an AVX2 + FMA CPU (bench/isa.sh: CPUID itself is capped),
+# so an AVX-512 machine measures what an AVX2-only one runs. Each engine reports the kernels it
+# ran: prefixd its dispatch, PyTorch its ATen capability, ONNX Runtime the ISA its process sees.
 #
 # Needs the yardsticks' environment (outside the repository):
 #   python3 -m venv /tmp/torchref && /tmp/torchref/bin/pip install -r ../shared/bench/requirements.txt
@@ -25,11 +24,8 @@ model=models/all-minilm-l6-v2
 adapter=../shared/fixtures/peft/multi4-p20   # P = 20
 out=$(mktemp); trap 'rm -f "$out"' EXIT
 export RAYON_NUM_THREADS=${RAYON_NUM_THREADS:-2}
-case $isa in
-  native) ;;
-  avx2) export PREFIXD_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ;;
-  *) echo "--isa native|avx2" >&2; exit 1 ;;
-esac
+source bench/isa.sh
+use_isa "$isa"
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs); avx512f: $(grep -qw avx512f /proc/cpuinfo && echo yes || echo no); isa: $isa"
 "$py" -c "import torch; print('pytorch kernels:', torch.backends.cpu.get_cpu_capability())"
 
@@ -67,5 +63,6 @@ print(f"| latency, one {r['prefixd-latency']['tokens']}-token request (median ms
 s, m = r["prefixd-32x64"]["seq_per_s"], r["prefixd-32x64-32tasks"]["seq_per_s"]
 print(f"| 32 tasks in one 32 × 64 batch vs one task (prefixd) | | | | {m:.1f} vs {s:.1f} | **{m / s:.2f}×** | | |")
 print(f"\nprefixd kernels: {r['prefixd-32x64']['placement']['isa']} (CPU: {r['prefixd-32x64']['placement']['cpu_isa']}); "
+      f"ORT sees: {r['ort-latency'].get('cpu_isa_seen', 'n/a')}; "
       f"ORT prefix export vs PEFT: {r['ort-latency'].get('ort_max_abs_logit_diff_vs_peft', 'n/a')}")
 PY

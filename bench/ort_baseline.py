@@ -130,6 +130,15 @@ def timed(fn, warmup, min_calls, min_seconds):
     return times
 
 
+def cpu_isa_seen():
+    """What CPUID tells this process (MLAS picks its kernels from the same bits): NumPy's probe."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as f
+    except ImportError:
+        return "unknown"
+    return "avx512" if f.get("AVX512F") else "avx2" if f.get("AVX2") and f.get("FMA3") else "older"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -154,7 +163,8 @@ def main():
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    settings = {"engine": f"onnxruntime-{args.variant}", "threads": args.threads, "onnxruntime": ort.__version__, **meta}
+    settings = {"engine": f"onnxruntime-{args.variant}", "threads": args.threads, "onnxruntime": ort.__version__,
+                "cpu_isa_seen": cpu_isa_seen(), **meta}
     if args.variant == "prefix":
         # The exported graph itself, run by ORT, against PEFT's logits.
         worst = 0.0

@@ -6,7 +6,7 @@
 #   bench/train-compare.sh [--isa native|avx2] [rounds=2]
 #
 # Rounds alternate the engines, so both see the same machine noise; the table keeps each engine's
-# best round. --isa avx2 caps both at AVX2 + FMA (as bench/compare.sh does).
+# best round. --isa avx2 makes both see an AVX2 + FMA CPU (bench/isa.sh, as bench/compare.sh does).
 # Needs the yardsticks' environment (see bench/compare.sh); override with TORCH_PYTHON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,11 +18,8 @@ py=${TORCH_PYTHON:-/tmp/torchref/bin/python}
 scripts/fetch-model >/dev/null
 cargo build --release --quiet
 model=models/all-minilm-l6-v2
-case $isa in
-  native) ;;
-  avx2) export PREFIXD_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ;;
-  *) echo "--isa native|avx2" >&2; exit 1 ;;
-esac
+source bench/isa.sh
+use_isa "$isa"
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs); avx512f: $(grep -qw avx512f /proc/cpuinfo && echo yes || echo no); isa: $isa"
 out=$(mktemp); trap 'rm -f "$out" "$out.rss"' EXIT
 # run NAME CMD...: the command's JSON line and its peak RSS, on one line of $out.

@@ -123,11 +123,12 @@ fn latency(engine: &Engine, task: &Task, args: &BenchArgs) -> anyhow::Result<()>
 /// batch × seq_len; QKV, attention output, FFN in, FFN out).
 fn kernels(args: &BenchArgs) -> anyhow::Result<()> {
     let m = args.batch * args.seq_len;
-    for (name, k, n) in [
-        ("qkv", 384, 1152),
-        ("attn_out", 384, 384),
-        ("ffn_in", 384, 1536),
-        ("ffn_out", 1536, 384),
+    for (name, k, n, gelu) in [
+        ("qkv", 384, 1152, false),
+        ("attn_out", 384, 384, false),
+        ("ffn_in", 384, 1536, false),
+        ("ffn_in+gelu", 384, 1536, true),
+        ("ffn_out", 1536, 384, false),
     ] {
         // About a second of calls (a ~200 GFLOP/s budget), at least 20.
         let reps = ((2e11 / (2.0 * (m * k * n) as f64)) as usize).clamp(20, 5000);
@@ -140,10 +141,25 @@ fn kernels(args: &BenchArgs) -> anyhow::Result<()> {
                 "m": m, "k": k, "n": n,
                 "isa": crate::model::isa::active().name(),
                 "threads": threads(),
-                "gflops": crate::model::gemm::measure(m, k, n, reps),
+                "gflops": crate::model::gemm::measure(m, k, n, gelu, reps),
             })
         );
     }
+    // Attention at this batch shape with P = --prefix-len: small products per (row, head).
+    let reps = ((2e11 / (4.0 * (m * 12 * (args.prefix_len + args.seq_len) * 32) as f64)) as usize)
+        .clamp(20, 5000);
+    println!(
+        "{}",
+        json!({
+            "engine": "prefixd",
+            "mode": "kernels",
+            "shape": "attention",
+            "batch": args.batch, "seq_len": args.seq_len, "prefix_len": args.prefix_len,
+            "isa": crate::model::isa::active().name(),
+            "threads": threads(),
+            "gflops": crate::model::measure_attention(args.batch, args.seq_len, args.prefix_len, reps),
+        })
+    );
     Ok(())
 }
 

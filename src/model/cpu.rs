@@ -92,7 +92,7 @@ dispatch! {
                 acc[l] += c[l];
             }
         }
-        let mean = (acc.iter().sum::<f32>() + x.chunks_exact(LANES).remainder().iter().sum::<f32>()) / n as f32;
+        let mean = (hsum(acc) + x.chunks_exact(LANES).remainder().iter().sum::<f32>()) / n as f32;
         let mut acc = [0f32; LANES];
         for c in x.chunks_exact(LANES) {
             for l in 0..LANES {
@@ -101,7 +101,7 @@ dispatch! {
             }
         }
         let rem: f32 = x.chunks_exact(LANES).remainder().iter().map(|v| (v - mean) * (v - mean)).sum();
-        let inv = 1.0 / ((acc.iter().sum::<f32>() + rem) / n as f32 + eps).sqrt();
+        let inv = 1.0 / ((hsum(acc) + rem) / n as f32 + eps).sqrt();
         for ((x, g), b) in x.iter_mut().zip(g).zip(b) {
             *x = (*x - mean) * inv * g + b;
         }
@@ -172,38 +172,74 @@ impl CtxPtr {
     }
 }
 
+/// Σ of the lanes as a tree (16 → 8 → 4 → 2 → 1): a plain `iter().sum()` is a chain of 15
+/// dependent scalar adds, which at a hundred-odd keys per row cost more than the row's exps.
+#[inline(always)]
+pub(crate) fn hsum(mut v: [f32; LANES]) -> f32 {
+    let mut w = LANES / 2;
+    while w > 0 {
+        for l in 0..w {
+            v[l] += v[l + w];
+        }
+        w /= 2;
+    }
+    v[0]
+}
+
+/// The largest lane, as a tree (see [`hsum`]).
+#[inline(always)]
+fn hmax(mut v: [f32; LANES]) -> f32 {
+    let mut w = LANES / 2;
+    while w > 0 {
+        for l in 0..w {
+            v[l] = if v[l + w] > v[l] { v[l + w] } else { v[l] };
+        }
+        w /= 2;
+    }
+    v[0]
+}
+
 dispatch! {
-    /// `x = softmax(scale · x)` over each row of `width`. Max and sum accumulate in LANES
-    /// separate lanes: a plain running max or sum is a serial chain the compiler may not
-    /// reorder, and ran a hundred-odd-key softmax at scalar speed (17% of a forward pass).
+    /// `x = softmax(scale · x)` over each row of `width`, `scale` > 0. Max and sum accumulate in
+    /// LANES separate lanes and reduce as trees: a running max or sum is a serial chain the
+    /// compiler may not reorder (it ran a hundred-odd-key softmax at scalar speed: 17% of a
+    /// forward pass, and the horizontal reductions alone were still 40% of attention after).
+    /// The scale is applied inside the exp (`scale · max` is where `scale · x` peaks), so the
+    /// row is read three times and written twice.
     pub(crate) fn softmax_rows(x: &mut [f32], width: usize, scale: f32) {
+        debug_assert!(scale > 0.0);
         for row in x.chunks_exact_mut(width) {
             let mut lanes = [f32::NEG_INFINITY; LANES];
-            let mut chunks = row.chunks_exact_mut(LANES);
+            let mut chunks = row.chunks_exact(LANES);
             for c in &mut chunks {
                 for l in 0..LANES {
-                    c[l] *= scale;
                     lanes[l] = if c[l] > lanes[l] { c[l] } else { lanes[l] };
                 }
             }
-            let mut max = lanes.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
-            for v in chunks.into_remainder() {
-                *v *= scale;
-                max = if *v > max { *v } else { max };
+            let mut max = hmax(lanes);
+            for &v in chunks.remainder() {
+                max = if v > max { v } else { max };
             }
+            let shift = max * scale;
             let mut sums = [0f32; LANES];
             let mut chunks = row.chunks_exact_mut(LANES);
             for c in &mut chunks {
                 for l in 0..LANES {
-                    c[l] = exp(c[l] - max);
+                    c[l] = exp(c[l] * scale - shift);
                     sums[l] += c[l];
                 }
             }
-            let mut sum = sums.iter().sum::<f32>();
-            for v in chunks.into_remainder() {
-                *v = exp(*v - max);
-                sum += *v;
+            // The last < LANES values through the same vector body: padded with −∞ (exp → 0),
+            // since a scalar exp apiece cost as much as a whole chunk each.
+            let tail = chunks.into_remainder();
+            let mut last = [f32::NEG_INFINITY; LANES];
+            last[..tail.len()].copy_from_slice(tail);
+            for l in 0..LANES {
+                last[l] = exp(last[l] * scale - shift);
+                sums[l] += last[l];
             }
+            tail.copy_from_slice(&last[..tail.len()]);
+            let sum = hsum(sums);
             let inv = 1.0 / sum;
             for v in row.iter_mut() {
                 *v *= inv;
@@ -423,4 +459,40 @@ impl HostBert {
         layer.out_norm.residual(tmp, x);
         std::mem::swap(x, tmp);
     }
+}
+
+/// GFLOP/s of [`attention`] (score and context products, softmax, key/value packing) on a
+/// `batch × seq` batch of one task with `p` virtual tokens, MiniLM's 12 heads of 32: best of
+/// `reps` calls after one warm-up (`prefixd bench --kernels`).
+pub fn measure_attention(batch: usize, seq: usize, p: usize, reps: usize) -> f64 {
+    let (heads, d) = (12, 32);
+    let hd = heads * d;
+    let fill = |n: usize, salt: usize| -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * salt) % 1000) as f32 / 1000.0 - 0.5)
+            .collect()
+    };
+    let prefix = PrefixKv::from_peft_layout(&fill(p * 2 * hd, 7919), p, 1, heads, d);
+    let qkv = fill(batch * seq * 3 * hd, 104729);
+    let mut ctx = vec![0f32; batch * seq * hd];
+    let lens = vec![seq; batch];
+    let prefixes = vec![&prefix; batch];
+    let shape = AttnShape {
+        batch,
+        seq,
+        heads,
+        head_dim: d,
+    };
+    let mut best = f64::INFINITY;
+    for i in 0..=reps.max(1) {
+        let t = std::time::Instant::now();
+        attention(&qkv, &prefixes, &lens, 0, &shape, &mut ctx, false);
+        if i > 0 {
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+    }
+    std::hint::black_box(&ctx);
+    // Two products per (row, head): [seq × d]·[d × (p + seq)] and [seq × (p + seq)]·[(p + seq) × d].
+    let flops = 2.0 * 2.0 * (batch * heads * seq * (p + seq) * d) as f64;
+    flops / best / 1e9
 }

@@ -15,7 +15,7 @@
 //! Checked against candle's autograd of the same model (`tests/train.rs`).
 
 use super::batch::HostBatch;
-use super::cpu::{softmax_rows, CtxPtr, HostBert, LANES};
+use super::cpu::{hsum, softmax_rows, CtxPtr, HostBert, LANES};
 use super::gemm::{gemm, gemm_strided, Epilogue, PackedB};
 use super::kernels::{gelu, gelu_grad};
 use super::pool;
@@ -112,7 +112,7 @@ dispatch! {
                 lanes[l] += pc[l] * dc[l];
             }
         }
-        let mut dot: f32 = lanes.iter().sum();
+        let mut dot = hsum(lanes);
         for (a, b) in pc.remainder().iter().zip(dc.remainder()) {
             dot += a * b;
         }

@@ -340,15 +340,8 @@ unsafe fn finish(v: f32, bias: *const f32, j: usize, apply_gelu: bool) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::super::kernels::simd::{gelu256, gelu512};
     use std::arch::x86_64::*;
-
-    /// The GELU of a stored tile row, compiled for the kernel's ISA (it is inlined there).
-    #[inline(always)]
-    unsafe fn gelu_row(row: *mut f32, len: usize) {
-        for v in std::slice::from_raw_parts_mut(row, len) {
-            *v = super::gelu(*v);
-        }
-    }
 
     /// AVX2 + FMA, R ≤ 6 rows × 16 columns: 2R accumulators, 2 B loads and R broadcasts per k.
     #[target_feature(enable = "avx2,fma")]
@@ -380,11 +373,12 @@ mod x86 {
         };
         for (i, row) in acc.iter().enumerate() {
             let out = c.add(i * ldc);
-            _mm256_storeu_ps(out, _mm256_add_ps(row[0], bias0));
-            _mm256_storeu_ps(out.add(8), _mm256_add_ps(row[1], bias1));
+            let (mut v0, mut v1) = (_mm256_add_ps(row[0], bias0), _mm256_add_ps(row[1], bias1));
             if gelu {
-                gelu_row(out, 16);
+                (v0, v1) = (gelu256(v0), gelu256(v1));
             }
+            _mm256_storeu_ps(out, v0);
+            _mm256_storeu_ps(out.add(8), v1);
         }
     }
 
@@ -418,18 +412,20 @@ mod x86 {
         };
         for (i, row) in acc.iter().enumerate() {
             let out = c.add(i * ldc);
-            _mm512_storeu_ps(out, _mm512_add_ps(row[0], bias0));
-            _mm512_storeu_ps(out.add(16), _mm512_add_ps(row[1], bias1));
+            let (mut v0, mut v1) = (_mm512_add_ps(row[0], bias0), _mm512_add_ps(row[1], bias1));
             if gelu {
-                gelu_row(out, 32);
+                (v0, v1) = (gelu512(v0), gelu512(v1));
             }
+            _mm512_storeu_ps(out, v0);
+            _mm512_storeu_ps(out.add(16), v1);
         }
     }
 }
 
-/// GFLOP/s of [`gemm`] at `m × k × n` with random data, best of `reps` calls after one warm-up
-/// (`prefixd bench --kernels`: what the matrix kernels do on this CPU, apart from the model).
-pub fn measure(m: usize, k: usize, n: usize, reps: usize) -> f64 {
+/// GFLOP/s of [`gemm`] at `m × k × n` with random data (with a bias and the GELU epilogue when
+/// `gelu`), best of `reps` calls after one warm-up (`prefixd bench --kernels`: what the matrix
+/// kernels do on this CPU, apart from the model).
+pub fn measure(m: usize, k: usize, n: usize, gelu: bool, reps: usize) -> f64 {
     let a: Vec<f32> = (0..m * k)
         .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
         .collect();
@@ -437,12 +433,18 @@ pub fn measure(m: usize, k: usize, n: usize, reps: usize) -> f64 {
         .map(|i| ((i * 104729) % 1000) as f32 / 1000.0 - 0.5)
         .collect();
     let b = PackedB::pack(&w, k, n);
+    let bias = vec![0.1f32; n];
+    let epilogue = if gelu {
+        Epilogue::BiasGelu(&bias)
+    } else {
+        Epilogue::None
+    };
     let mut c = Vec::new();
-    gemm(&a, m, &b, &mut c, Epilogue::None);
+    gemm(&a, m, &b, &mut c, epilogue);
     let mut best = f64::INFINITY;
     for _ in 0..reps.max(1) {
         let t = std::time::Instant::now();
-        gemm(&a, m, &b, &mut c, Epilogue::None);
+        gemm(&a, m, &b, &mut c, epilogue);
         best = best.min(t.elapsed().as_secs_f64());
     }
     std::hint::black_box(&c);

@@ -22,6 +22,7 @@ mod weights;
 pub use batch::EncoderRow;
 pub use bert::PrefixedBert;
 pub use config::{Activation, BertConfig};
+pub use cpu::measure_attention;
 pub use device::{device_name, DeviceSpec, Precision};
 pub use prefix_kv::PrefixKv;
 pub use train_ops::Dropout;
