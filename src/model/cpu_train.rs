@@ -17,7 +17,7 @@
 use super::batch::HostBatch;
 use super::cpu::{hsum, softmax_rows, CtxPtr, HostBert, LANES};
 use super::gemm::{gemm, gemm_strided, Epilogue, PackedB};
-use super::kernels::{gelu, gelu_grad};
+use super::kernels::gelu_map;
 use super::pool;
 
 /// Dropout as a pure function of (seed, site, element): the same mask in the backward as in the
@@ -224,20 +224,13 @@ dispatch! {
     }
 }
 
-dispatch! {
-    fn gelu_slice(src: &[f32], dst: &mut [f32]) {
-        for (d, &s) in dst.iter_mut().zip(src) {
-            *d = gelu(s);
-        }
-    }
+fn gelu_slice(src: &[f32], dst: &mut [f32]) {
+    gelu_map(src, dst, false);
 }
 
-dispatch! {
-    fn gelu_back_slice(d: &mut [f32], pre: &[f32]) {
-        for (d, &x) in d.iter_mut().zip(pre) {
-            *d *= gelu_grad(x);
-        }
-    }
+/// `d *= gelu'(pre)`.
+fn gelu_back_slice(d: &mut [f32], pre: &[f32]) {
+    gelu_map(pre, d, true);
 }
 
 /// Runs `f` over `rows` rows of `width` in chunks on the pool; `f(first_row, rows_chunk)`.

@@ -122,11 +122,10 @@ pub(crate) mod simd {
         _mm512_mul_ps(e, _mm512_castsi512_ps(two_n))
     }
 
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    pub(crate) unsafe fn gelu512(x: __m512) -> __m512 {
-        let ax = _mm512_abs_ps(x);
-        let z = _mm512_mul_ps(ax, _mm512_set1_ps(super::SQRT_HALF));
+    /// `(y, e)` with `erf(|x|/√2) = 1 − y` and `e = e^(−x²/2)`.
+    #[inline(always)]
+    unsafe fn erfc_parts512(x: __m512) -> (__m512, __m512) {
+        let z = _mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(super::SQRT_HALF));
         let den = _mm512_fmadd_ps(z, _mm512_set1_ps(P), _mm512_set1_ps(1.0));
         let t0 = _mm512_rcp14_ps(den);
         let t = _mm512_fmadd_ps(t0, _mm512_fnmadd_ps(den, t0, _mm512_set1_ps(1.0)), t0);
@@ -135,11 +134,30 @@ pub(crate) mod simd {
             r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(*c));
         }
         let e = exp_neg512(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), z), z));
-        let q = _mm512_mul_ps(
-            _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5), ax), _mm512_mul_ps(r, t)),
-            e,
-        );
+        (_mm512_mul_ps(_mm512_mul_ps(r, t), e), e)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn gelu512(x: __m512) -> __m512 {
+        let (y, _) = erfc_parts512(x);
+        let q = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5), _mm512_abs_ps(x)), y);
         _mm512_sub_ps(_mm512_max_ps(x, _mm512_setzero_ps()), q)
+    }
+
+    /// d/dx GELU = Φ(x) + x·φ(x); Φ(x) = 1 − y/2 for x ≥ 0, y/2 below; φ(x) = e/√(2π).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn gelu_grad512(x: __m512) -> __m512 {
+        let (y, e) = erfc_parts512(x);
+        let half = _mm512_mul_ps(_mm512_set1_ps(0.5), y);
+        let neg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_setzero_ps());
+        let cdf = _mm512_mask_blend_ps(neg, _mm512_sub_ps(_mm512_set1_ps(1.0), half), half);
+        _mm512_fmadd_ps(
+            _mm512_mul_ps(x, _mm512_set1_ps(super::INV_SQRT_2PI)),
+            e,
+            cdf,
+        )
     }
 
     #[inline(always)]
@@ -170,11 +188,12 @@ pub(crate) mod simd {
     }
 
     /// AVX2: a true divide (its 12-bit reciprocal estimate plus one step is not quite f32).
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    pub(crate) unsafe fn gelu256(x: __m256) -> __m256 {
-        let ax = _mm256_andnot_ps(_mm256_set1_ps(-0.0), x);
-        let z = _mm256_mul_ps(ax, _mm256_set1_ps(super::SQRT_HALF));
+    #[inline(always)]
+    unsafe fn erfc_parts256(x: __m256) -> (__m256, __m256) {
+        let z = _mm256_mul_ps(
+            _mm256_andnot_ps(_mm256_set1_ps(-0.0), x),
+            _mm256_set1_ps(super::SQRT_HALF),
+        );
         let den = _mm256_fmadd_ps(z, _mm256_set1_ps(P), _mm256_set1_ps(1.0));
         let t = _mm256_div_ps(_mm256_set1_ps(1.0), den);
         let mut r = _mm256_set1_ps(A[0]);
@@ -182,11 +201,88 @@ pub(crate) mod simd {
             r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(*c));
         }
         let e = exp_neg256(_mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), z), z));
-        let q = _mm256_mul_ps(
-            _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5), ax), _mm256_mul_ps(r, t)),
-            e,
-        );
+        (_mm256_mul_ps(_mm256_mul_ps(r, t), e), e)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn gelu256(x: __m256) -> __m256 {
+        let (y, _) = erfc_parts256(x);
+        let ax = _mm256_andnot_ps(_mm256_set1_ps(-0.0), x);
+        let q = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5), ax), y);
         _mm256_sub_ps(_mm256_max_ps(x, _mm256_setzero_ps()), q)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn gelu_grad256(x: __m256) -> __m256 {
+        let (y, e) = erfc_parts256(x);
+        let half = _mm256_mul_ps(_mm256_set1_ps(0.5), y);
+        let neg = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_setzero_ps());
+        let cdf = _mm256_blendv_ps(_mm256_sub_ps(_mm256_set1_ps(1.0), half), half, neg);
+        _mm256_fmadd_ps(
+            _mm256_mul_ps(x, _mm256_set1_ps(super::INV_SQRT_2PI)),
+            e,
+            cdf,
+        )
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn map512(src: &[f32], dst: &mut [f32], grad: bool) -> usize {
+        let whole = src.len() / 16 * 16;
+        for i in (0..whole).step_by(16) {
+            let (s, d) = (src.as_ptr().add(i), dst.as_mut_ptr().add(i));
+            let x = _mm512_loadu_ps(s);
+            let v = if grad {
+                _mm512_mul_ps(_mm512_loadu_ps(d), gelu_grad512(x))
+            } else {
+                gelu512(x)
+            };
+            _mm512_storeu_ps(d, v);
+        }
+        whole
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn map256(src: &[f32], dst: &mut [f32], grad: bool) -> usize {
+        let whole = src.len() / 8 * 8;
+        for i in (0..whole).step_by(8) {
+            let (s, d) = (src.as_ptr().add(i), dst.as_mut_ptr().add(i));
+            let x = _mm256_loadu_ps(s);
+            let v = if grad {
+                _mm256_mul_ps(_mm256_loadu_ps(d), gelu_grad256(x))
+            } else {
+                gelu256(x)
+            };
+            _mm256_storeu_ps(d, v);
+        }
+        whole
+    }
+}
+
+/// `dst = gelu(src)` (`grad`: `dst *= gelu'(src)`), the ISA's registers over whole vectors
+/// and the scalar functions over the tail.
+pub(crate) fn gelu_map(src: &[f32], dst: &mut [f32], grad: bool) {
+    assert_eq!(src.len(), dst.len());
+    let n = src.len();
+    #[allow(unused_mut)]
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: each branch runs only on the ISA `isa::active` says the CPU has; loads and
+    // stores stay below n.
+    unsafe {
+        match super::isa::active() {
+            super::isa::Isa::Avx512 => done = simd::map512(src, dst, grad),
+            super::isa::Isa::Avx2 => done = simd::map256(src, dst, grad),
+            super::isa::Isa::Baseline => {}
+        }
+    }
+    for i in done..n {
+        dst[i] = if grad {
+            dst[i] * gelu_grad(src[i])
+        } else {
+            gelu(src[i])
+        };
     }
 }
 
@@ -357,12 +453,23 @@ mod tests {
                 "gelu({x}) = {got}, scalar {want}"
             );
         };
+        let check_grad = |x: f32, got: f32| {
+            let want = gelu_grad(x);
+            assert!(
+                (got - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                "gelu'({x}) = {got}, scalar {want}"
+            );
+        };
         if is_x86_feature_detected!("avx512f") {
             for &x in &xs {
                 let mut out = [0f32; 16];
                 // SAFETY: AVX-512 checked above.
                 unsafe { _mm512_storeu_ps(out.as_mut_ptr(), simd::gelu512(_mm512_set1_ps(x))) };
                 check(x, out[0]);
+                unsafe {
+                    _mm512_storeu_ps(out.as_mut_ptr(), simd::gelu_grad512(_mm512_set1_ps(x)))
+                };
+                check_grad(x, out[0]);
             }
         }
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
@@ -371,6 +478,10 @@ mod tests {
                 // SAFETY: AVX2 and FMA checked above.
                 unsafe { _mm256_storeu_ps(out.as_mut_ptr(), simd::gelu256(_mm256_set1_ps(x))) };
                 check(x, out[0]);
+                unsafe {
+                    _mm256_storeu_ps(out.as_mut_ptr(), simd::gelu_grad256(_mm256_set1_ps(x)))
+                };
+                check_grad(x, out[0]);
             }
         }
     }
