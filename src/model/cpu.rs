@@ -9,7 +9,7 @@
 //! residual+LayerNorm passes. Numbers agree with the candle path to float32 rounding (tested).
 //! The candle path stays for training (autograd) and for GPUs.
 
-use super::gemm::{gemm, gemm_strided, Epilogue, PackedB};
+use super::gemm::{gemm, gemm_strided, gemm_strided_t, Epilogue, PackedB};
 use super::kernels::exp;
 use super::PrefixKv;
 
@@ -200,13 +200,9 @@ fn hmax(mut v: [f32; LANES]) -> f32 {
 }
 
 dispatch! {
-    /// `x = softmax(scale · x)` over each row of `width`, `scale` > 0. Max and sum accumulate in
-    /// LANES separate lanes and reduce as trees: a running max or sum is a serial chain the
-    /// compiler may not reorder (it ran a hundred-odd-key softmax at scalar speed: 17% of a
-    /// forward pass, and the horizontal reductions alone were still 40% of attention after).
-    /// The scale is applied inside the exp (`scale · max` is where `scale · x` peaks), so the
-    /// row is read three times and written twice.
-    pub(crate) fn softmax_rows(x: &mut [f32], width: usize, scale: f32) {
+    /// [`softmax_rows`] for CPUs without AVX2: max and sum accumulate in LANES separate lanes
+    /// and reduce as trees, so the compiler vectorizes what it can.
+    fn softmax_rows_portable(x: &mut [f32], width: usize, scale: f32) {
         debug_assert!(scale > 0.0);
         for row in x.chunks_exact_mut(width) {
             let mut lanes = [f32::NEG_INFINITY; LANES];
@@ -248,13 +244,44 @@ dispatch! {
     }
 }
 
+/// `x = softmax(scale · x)` over each row of `width`, `scale` > 0; the scale is applied inside
+/// the exp (`scale · max` is where `scale · x` peaks). On AVX2/AVX-512 the rows run through
+/// explicit vector code (`kernels::simd`): FMAs in the exp, masked tails, one horizontal
+/// reduction per pass. (History: a running scalar max and sum ran a hundred-odd-key softmax at
+/// scalar speed — 17% of a forward pass; after lane accumulators the reductions and the scalar
+/// tail were still 40% of attention.)
+pub(crate) fn softmax_rows(x: &mut [f32], width: usize, scale: f32) {
+    debug_assert!(scale > 0.0);
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::isa::{self, Isa};
+        use super::kernels::simd;
+        match isa::active() {
+            // SAFETY: `isa::active` never exceeds what the CPU reports.
+            Isa::Avx512 => {
+                return x
+                    .chunks_exact_mut(width)
+                    .for_each(|r| unsafe { simd::softmax_row512(r, scale) })
+            }
+            Isa::Avx2 => {
+                return x
+                    .chunks_exact_mut(width)
+                    .for_each(|r| unsafe { simd::softmax_row256(r, scale) })
+            }
+            Isa::Baseline => {}
+        }
+    }
+    softmax_rows_portable(x, width, scale)
+}
+
 /// Prefixed self-attention over a whole batch, one (row, head) at a time and both cores busy.
 ///
 /// Per row b and head h, with its task's P prefix keys/values and its n real tokens (padding is
-/// left out, not masked): `scores = Q·[Kp; K]ᵀ` through the GEMM micro-kernels (the keys packed
-/// straight from where they lie: the task's prefix block and the QKV rows), softmax, then
+/// left out, not masked): `scores = Q·[Kp; K]ᵀ` through the GEMM micro-kernels (keys and values
+/// read from where they lie: the task's prefix block and the QKV rows), softmax, then
 /// `ctx = probs · [Vp; V]` into this head's columns. `qkv`: `[B·S, 3·Hd]`; `ctx`: `[B·S, Hd]`;
-/// padding rows are not written (nothing reads them: they are no row's keys).
+/// padding rows are not written (nothing reads them: they are no row's keys). With more than a
+/// few queries the scores are kept transposed (keys × queries), see below.
 ///
 /// (The first version looped over keys with one dot product each: 31% of a forward pass.)
 ///
@@ -296,13 +323,6 @@ pub(crate) fn attention(
         HEAD.with(|scratch| {
             let mut sc = scratch.borrow_mut();
             let sc = &mut *sc;
-            sc.keys.repack_transposed(d, t, |j| {
-                if j < p {
-                    &kp[j * d..(j + 1) * d]
-                } else {
-                    token(j - p, 1)
-                }
-            });
             sc.values.repack(t, d, |j| {
                 if j < p {
                     &vp[j * d..(j + 1) * d]
@@ -310,17 +330,6 @@ pub(crate) fn attention(
                     token(j - p, 2)
                 }
             });
-            sc.scores.resize(queries * t, 0.0);
-            // Queries: this head's columns of the real rows, 3·Hd apart.
-            gemm_strided(
-                &rows[head * d..],
-                3 * hd,
-                queries,
-                &sc.keys,
-                &mut sc.scores,
-                t,
-            );
-            softmax_rows(&mut sc.scores, t, scale);
             // SAFETY: `queries` rows from out_row, columns head·D..head·D+D of ctx belong to this
             // item alone; the slice covers them (asserted above).
             let dst = unsafe {
@@ -329,9 +338,88 @@ pub(crate) fn attention(
                     (queries.max(1) - 1) * hd + d,
                 )
             };
-            gemm_strided(&sc.scores, t, queries, &sc.values, dst, hd);
+            if queries < KEYS_BY_QUERIES_FROM {
+                // A query or few (the last layer's [CLS]): scores as queries × keys.
+                sc.keys.repack_transposed(d, t, |j| {
+                    if j < p {
+                        &kp[j * d..(j + 1) * d]
+                    } else {
+                        token(j - p, 1)
+                    }
+                });
+                sc.scores.resize(queries * t, 0.0);
+                gemm_strided(
+                    &rows[head * d..],
+                    3 * hd,
+                    queries,
+                    &sc.keys,
+                    &mut sc.scores,
+                    t,
+                );
+                softmax_rows(&mut sc.scores, t, scale);
+                gemm_strided(&sc.scores, t, queries, &sc.values, dst, hd);
+                return;
+            }
+            // Scores as keys × queries (Sᵀ = K·Qᵀ): the keys are the A operand, read where they
+            // lie (prefix block, QKV rows), and only the queries are transposed into a packed
+            // operand; the softmax then runs down columns, 16 queries a vector, with no
+            // horizontal reductions; the context product reads Sᵀ as a transposed A.
+            // (Queries × keys spent a third of attention in row softmaxes — latency-bound
+            // reductions — and a sixth transposing every key.)
+            sc.keys.repack_transposed(d, queries, |i| token(i, 0));
+            let ld = queries.next_multiple_of(32);
+            sc.scores.resize(t * ld, 0.0);
+            let (by_prefix, by_token) = sc.scores.split_at_mut(p * ld);
+            gemm_strided(kp, d, p, &sc.keys, by_prefix, ld);
+            gemm_strided(&rows[hd + head * d..], 3 * hd, n, &sc.keys, by_token, ld);
+            softmax_cols(&mut sc.scores, t, ld, queries, scale);
+            gemm_strided_t(&sc.scores, ld, queries, &sc.values, dst, hd);
         });
     });
+}
+
+/// From this many queries on, attention computes its scores keys × queries (see [`attention`]).
+const KEYS_BY_QUERIES_FROM: usize = 8;
+
+dispatch! {
+    /// Softmax down each of the first `cols` columns of `x` (`rows` × `ld`, `ld` a multiple of
+    /// LANES ≥ `cols`): `x[·][c] = softmax(scale · x[·][c])`, `scale` > 0. Each LANES columns are
+    /// one vector per row, so max and sum accumulate lane-wise and never reduce across lanes;
+    /// the padding columns up to the next LANES are computed and ignored.
+    fn softmax_cols(x: &mut [f32], rows: usize, ld: usize, cols: usize, scale: f32) {
+        debug_assert!(scale > 0.0 && ld % LANES == 0 && ld >= cols && x.len() >= rows * ld);
+        for c0 in (0..cols).step_by(LANES) {
+            let mut max = [f32::NEG_INFINITY; LANES];
+            for j in 0..rows {
+                let r = &x[j * ld + c0..][..LANES];
+                for l in 0..LANES {
+                    max[l] = if r[l] > max[l] { r[l] } else { max[l] };
+                }
+            }
+            let mut shift = [0f32; LANES];
+            for l in 0..LANES {
+                shift[l] = max[l] * scale;
+            }
+            let mut sum = [0f32; LANES];
+            for j in 0..rows {
+                let r = &mut x[j * ld + c0..][..LANES];
+                for l in 0..LANES {
+                    r[l] = exp(r[l] * scale - shift[l]);
+                    sum[l] += r[l];
+                }
+            }
+            let mut inv = [0f32; LANES];
+            for l in 0..LANES {
+                inv[l] = 1.0 / sum[l];
+            }
+            for j in 0..rows {
+                let r = &mut x[j * ld + c0..][..LANES];
+                for l in 0..LANES {
+                    r[l] *= inv[l];
+                }
+            }
+        }
+    }
 }
 
 /// One encoder layer's weights on the host.

@@ -171,7 +171,7 @@ pub fn gemm(a: &[f32], m: usize, b: &PackedB, c: &mut Vec<f32>, epilogue: Epilog
         let (p0, p1) = (pc * per_chunk, ((pc + 1) * per_chunk).min(panels));
         if p0 < p1 {
             // SAFETY: this item owns rows r0..r0+rows × panels p0..p1 of C; bounds asserted above.
-            unsafe { block(&a[r0 * k..], k, rows, b, p0..p1, cp.at(r0 * n), n, epilogue) };
+            unsafe { block::<false>(&a[r0 * k..], k, rows, b, p0..p1, cp.at(r0 * n), n, epilogue) };
         }
     };
     if items == 1 || m * n * k < 1 << 15 {
@@ -194,7 +194,39 @@ pub fn gemm_strided(a: &[f32], lda: usize, m: usize, b: &PackedB, c: &mut [f32],
     );
     let panels = n.div_ceil(tile(b.isa).1);
     // SAFETY: c holds m rows of n floats, ldc apart (asserted); nothing else writes it.
-    unsafe { block(a, lda, m, b, 0..panels, c.as_mut_ptr(), ldc, Epilogue::None) };
+    unsafe { block::<false>(a, lda, m, b, 0..panels, c.as_mut_ptr(), ldc, Epilogue::None) };
+}
+
+/// [`gemm_strided`] with A given transposed: `at` holds A's `b.k` columns, `lda` apart, so
+/// `A[i][p] = at[p·lda + i]`, i < m. (The micro-kernels then broadcast a tile's A values from
+/// consecutive addresses.)
+pub fn gemm_strided_t(at: &[f32], lda: usize, m: usize, b: &PackedB, c: &mut [f32], ldc: usize) {
+    let (k, n) = (b.k, b.n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        k > 0
+            && lda >= m
+            && at.len() >= (k - 1) * lda + m
+            && ldc >= n
+            && c.len() >= (m - 1) * ldc + n,
+        "gemm_strided_t: buffers too small for {m}×{k}·{k}×{n}"
+    );
+    let panels = n.div_ceil(tile(b.isa).1);
+    // SAFETY: c holds m rows of n floats, ldc apart (asserted); nothing else writes it.
+    unsafe {
+        block::<true>(
+            at,
+            lda,
+            m,
+            b,
+            0..panels,
+            c.as_mut_ptr(),
+            ldc,
+            Epilogue::None,
+        )
+    };
 }
 
 /// Runs every micro-kernel of `rows` rows of A (`lda` apart) against panels `panels` of B.
@@ -208,7 +240,7 @@ pub fn gemm_strided(a: &[f32], lda: usize, m: usize, b: &PackedB, c: &mut [f32],
 /// `c` addresses `rows` rows of at least `b.n` writable floats, `ldc` apart, that no one else
 /// touches meanwhile; `a` holds the rows.
 #[allow(clippy::too_many_arguments)]
-unsafe fn block(
+unsafe fn block<const AT: bool>(
     a: &[f32],
     lda: usize,
     rows: usize,
@@ -227,14 +259,15 @@ unsafe fn block(
         let bias = epilogue.bias().map(|bias| &bias[j * nr..j * nr + cols]);
         for r0 in (0..rows).step_by(mr) {
             let live = mr.min(rows - r0);
-            let (ap, cp) = (a.as_ptr().add(r0 * lda), c.add(r0 * ldc + j * nr));
+            let ap = a.as_ptr().add(if AT { r0 } else { r0 * lda });
+            let cp = c.add(r0 * ldc + j * nr);
             if cols == nr {
                 let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
-                kernel(b.isa, live, k, ap, lda, bp, cp, ldc, bias, epilogue.gelu());
+                kernel::<AT>(b.isa, live, k, ap, lda, bp, cp, ldc, bias, epilogue.gelu());
                 continue;
             }
             // The last, partial panel: a full-width scratch tile, then the live columns.
-            kernel(
+            kernel::<AT>(
                 b.isa,
                 live,
                 k,
@@ -268,7 +301,7 @@ unsafe fn block(
 /// `a`: `rows` rows of k floats, `lda` apart; `b`: a k × NR panel; `c`: `rows` rows of NR
 /// writable floats, `ldc` apart.
 #[allow(clippy::too_many_arguments)]
-unsafe fn kernel(
+unsafe fn kernel<const AT: bool>(
     isa: Isa,
     rows: usize,
     k: usize,
@@ -283,7 +316,7 @@ unsafe fn kernel(
     macro_rules! by_rows {
         ($f:ident, $($r:literal)*) => {
             match rows {
-                $($r => x86::$f::<$r>(k, a, lda, b, c, ldc, bias, gelu),)*
+                $($r => x86::$f::<$r, AT>(k, a, lda, b, c, ldc, bias, gelu),)*
                 _ => unreachable!("tile rows checked by the caller"),
             }
         };
@@ -293,14 +326,14 @@ unsafe fn kernel(
         Isa::Avx512 => by_rows!(kernel_x32, 1 2 3 4 5 6 7 8 9 10 11 12),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => by_rows!(kernel_x16, 1 2 3 4 5 6),
-        _ => kernel_4x8(rows, k, a, lda, b, c, ldc, bias, gelu),
+        _ => kernel_4x8::<AT>(rows, k, a, lda, b, c, ldc, bias, gelu),
     }
 }
 
 /// The portable kernel (and the baseline x86-64 one), up to 4 rows × 8 columns: plain loops the
 /// compiler vectorizes.
 #[allow(clippy::too_many_arguments)]
-unsafe fn kernel_4x8(
+unsafe fn kernel_4x8<const AT: bool>(
     rows: usize,
     k: usize,
     a: *const f32,
@@ -315,7 +348,7 @@ unsafe fn kernel_4x8(
     for p in 0..k {
         let bv = std::slice::from_raw_parts(b.add(p * 8), 8);
         for (i, row) in acc.iter_mut().enumerate().take(rows) {
-            let av = *a.add(i * lda + p);
+            let av = *a.add(at::<AT>(i, p, lda));
             for (x, &y) in row.iter_mut().zip(bv) {
                 *x += av * y;
             }
@@ -325,6 +358,17 @@ unsafe fn kernel_4x8(
         for (j, v) in row.iter().enumerate() {
             *c.add(i * ldc + j) = finish(*v, bias, j, gelu);
         }
+    }
+}
+
+/// Where A's element (row i, column p) lies: rows `lda` apart, or, transposed (`AT`), columns
+/// `lda` apart (attention's probabilities, kept keys × queries).
+#[inline(always)]
+fn at<const AT: bool>(i: usize, p: usize, lda: usize) -> usize {
+    if AT {
+        p * lda + i
+    } else {
+        i * lda + p
     }
 }
 
@@ -346,7 +390,7 @@ mod x86 {
     /// AVX2 + FMA, R ≤ 6 rows × 16 columns: 2R accumulators, 2 B loads and R broadcasts per k.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn kernel_x16<const R: usize>(
+    pub(super) unsafe fn kernel_x16<const R: usize, const AT: bool>(
         k: usize,
         a: *const f32,
         lda: usize,
@@ -361,7 +405,7 @@ mod x86 {
             let b0 = _mm256_loadu_ps(b.add(p * 16));
             let b1 = _mm256_loadu_ps(b.add(p * 16 + 8));
             for (i, row) in acc.iter_mut().enumerate() {
-                let ai = _mm256_broadcast_ss(&*a.add(i * lda + p));
+                let ai = _mm256_broadcast_ss(&*a.add(super::at::<AT>(i, p, lda)));
                 row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
                 row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
             }
@@ -385,7 +429,7 @@ mod x86 {
     /// AVX-512, R ≤ 12 rows × 32 columns: 2R accumulators, 2 B loads and R broadcasts per k.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn kernel_x32<const R: usize>(
+    pub(super) unsafe fn kernel_x32<const R: usize, const AT: bool>(
         k: usize,
         a: *const f32,
         lda: usize,
@@ -400,7 +444,7 @@ mod x86 {
             let b0 = _mm512_loadu_ps(b.add(p * 32));
             let b1 = _mm512_loadu_ps(b.add(p * 32 + 16));
             for (i, row) in acc.iter_mut().enumerate() {
-                let ai = _mm512_set1_ps(*a.add(i * lda + p));
+                let ai = _mm512_set1_ps(*a.add(super::at::<AT>(i, p, lda)));
                 row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
                 row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
             }
@@ -490,6 +534,36 @@ mod tests {
                 c[i * 40 + n..i * 40 + 40].iter().all(|&v| v == 0.5),
                 "wrote past n"
             );
+        }
+    }
+
+    #[test]
+    fn transposed_a_operand() {
+        // c (ldc 35) = A · B with A handed over as its transpose (lda 50 ≥ m), every tile size.
+        let mut rng = StdRng::seed_from_u64(3);
+        for &(m, k, n) in &[(1, 5, 3), (13, 84, 32), (47, 36, 33), (64, 84, 16)] {
+            let lda = m + 3;
+            let at: Vec<f32> = (0..k * lda).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let w: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let b = PackedB::pack(&w, k, n);
+            let ldc = n + 2;
+            let mut c = vec![0.5f32; m * ldc];
+            gemm_strided_t(&at, lda, m, &b, &mut c, ldc);
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|p| at[p * lda + i] as f64 * w[p * n + j] as f64)
+                        .sum();
+                    assert!(
+                        (c[i * ldc + j] as f64 - want).abs() < 1e-4,
+                        "{m}×{k}×{n} ({i}, {j})"
+                    );
+                }
+                assert!(
+                    c[i * ldc + n..(i + 1) * ldc].iter().all(|&v| v == 0.5),
+                    "wrote past n"
+                );
+            }
         }
     }
 

@@ -227,6 +227,98 @@ pub(crate) mod simd {
         )
     }
 
+    /// `row = softmax(scale · row)` for `scale` > 0: one pass for the max (the tail through a
+    /// masked load), one for `e^(scale·x − scale·max)` and its sum, one to normalize. The
+    /// exponent is ≤ 0, so `exp_neg512`'s FMA form serves.
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn softmax_row512(row: &mut [f32], scale: f32) {
+        let (n, p) = (row.len(), row.as_mut_ptr());
+        let (full, rem) = (n / 16, n % 16);
+        let tail: __mmask16 = ((1u32 << rem) - 1) as u16;
+        let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+        for i in 0..full {
+            m = _mm512_max_ps(m, _mm512_loadu_ps(p.add(i * 16)));
+        }
+        if rem > 0 {
+            m = _mm512_max_ps(m, _mm512_mask_loadu_ps(m, tail, p.add(full * 16)));
+        }
+        let (sc, shift) = (
+            _mm512_set1_ps(scale),
+            _mm512_set1_ps(_mm512_reduce_max_ps(m) * scale),
+        );
+        let mut sum = _mm512_setzero_ps();
+        for i in 0..full {
+            let e = exp_neg512(_mm512_fmsub_ps(_mm512_loadu_ps(p.add(i * 16)), sc, shift));
+            _mm512_storeu_ps(p.add(i * 16), e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        if rem > 0 {
+            let x = _mm512_maskz_loadu_ps(tail, p.add(full * 16));
+            let e = _mm512_maskz_mov_ps(tail, exp_neg512(_mm512_fmsub_ps(x, sc, shift)));
+            _mm512_mask_storeu_ps(p.add(full * 16), tail, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
+        for i in 0..full {
+            _mm512_storeu_ps(
+                p.add(i * 16),
+                _mm512_mul_ps(_mm512_loadu_ps(p.add(i * 16)), inv),
+            );
+        }
+        if rem > 0 {
+            let x = _mm512_maskz_loadu_ps(tail, p.add(full * 16));
+            _mm512_mask_storeu_ps(p.add(full * 16), tail, _mm512_mul_ps(x, inv));
+        }
+    }
+
+    /// The same with AVX2: 8 lanes, the tail through `vmaskmov`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn softmax_row256(row: &mut [f32], scale: f32) {
+        let (n, p) = (row.len(), row.as_mut_ptr());
+        let (full, rem) = (n / 8, n % 8);
+        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(rem as i32), lane);
+        let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut m = ninf;
+        for i in 0..full {
+            m = _mm256_max_ps(m, _mm256_loadu_ps(p.add(i * 8)));
+        }
+        if rem > 0 {
+            let x = _mm256_maskload_ps(p.add(full * 8), tail);
+            m = _mm256_max_ps(m, _mm256_blendv_ps(ninf, x, _mm256_castsi256_ps(tail)));
+        }
+        let h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        let max = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+        let (sc, shift) = (_mm256_set1_ps(scale), _mm256_set1_ps(max * scale));
+        let mut sum = _mm256_setzero_ps();
+        for i in 0..full {
+            let e = exp_neg256(_mm256_fmsub_ps(_mm256_loadu_ps(p.add(i * 8)), sc, shift));
+            _mm256_storeu_ps(p.add(i * 8), e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        if rem > 0 {
+            let x = _mm256_maskload_ps(p.add(full * 8), tail);
+            let e = exp_neg256(_mm256_fmsub_ps(x, sc, shift));
+            let e = _mm256_and_ps(e, _mm256_castsi256_ps(tail));
+            _mm256_maskstore_ps(p.add(full * 8), tail, e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        let h = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        let inv = _mm256_set1_ps(1.0 / _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h))));
+        for i in 0..full {
+            _mm256_storeu_ps(
+                p.add(i * 8),
+                _mm256_mul_ps(_mm256_loadu_ps(p.add(i * 8)), inv),
+            );
+        }
+        if rem > 0 {
+            let x = _mm256_maskload_ps(p.add(full * 8), tail);
+            _mm256_maskstore_ps(p.add(full * 8), tail, _mm256_mul_ps(x, inv));
+        }
+    }
+
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn map512(src: &[f32], dst: &mut [f32], grad: bool) -> usize {
         let whole = src.len() / 16 * 16;
