@@ -145,6 +145,18 @@ fn kernels(args: &BenchArgs) -> anyhow::Result<()> {
             })
         );
     }
+    // What the FMA units alone reach on as many threads: the kernels' ceiling.
+    println!(
+        "{}",
+        json!({
+            "engine": "prefixd",
+            "mode": "kernels",
+            "shape": "fma_peak",
+            "isa": crate::model::isa::active().name(),
+            "threads": threads(),
+            "gflops": crate::model::gemm::measure_peak(threads()),
+        })
+    );
     // Attention at this batch shape with P = --prefix-len: small products per (row, head).
     let reps = ((2e11 / (4.0 * (m * 12 * (args.prefix_len + args.seq_len) * 32) as f64)) as usize)
         .clamp(20, 5000);

@@ -387,6 +387,44 @@ mod x86 {
     use super::super::kernels::simd::{gelu256, gelu512};
     use std::arch::x86_64::*;
 
+    /// Independent FMA chains per iteration: enough to cover FMA latency × ports.
+    pub(super) const FMA_CHAINS: usize = 12;
+
+    /// `iters` × FMA_CHAINS independent FMAs on full registers (for [`super::measure_peak`]).
+    pub(super) unsafe fn fma_loop(isa: super::Isa, iters: usize) -> f32 {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn z(iters: usize) -> f32 {
+            let (x, y) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
+            let mut acc = [_mm512_set1_ps(1.0); FMA_CHAINS];
+            for _ in 0..iters {
+                for a in acc.iter_mut() {
+                    *a = _mm512_fmadd_ps(*a, x, y);
+                }
+            }
+            acc.iter().map(|&a| _mm512_reduce_add_ps(a)).sum()
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn y(iters: usize) -> f32 {
+            let (x, y) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
+            let mut acc = [_mm256_set1_ps(1.0); FMA_CHAINS];
+            for _ in 0..iters {
+                for a in acc.iter_mut() {
+                    *a = _mm256_fmadd_ps(*a, x, y);
+                }
+            }
+            let mut out = [0f32; 8];
+            let sum = acc
+                .iter()
+                .fold(_mm256_setzero_ps(), |s, &a| _mm256_add_ps(s, a));
+            _mm256_storeu_ps(out.as_mut_ptr(), sum);
+            out.iter().sum()
+        }
+        match isa {
+            super::Isa::Avx512 => z(iters),
+            _ => y(iters),
+        }
+    }
+
     /// AVX2 + FMA, R ≤ 6 rows × 16 columns: 2R accumulators, 2 B loads and R broadcasts per k.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
@@ -493,6 +531,42 @@ pub fn measure(m: usize, k: usize, n: usize, gelu: bool, reps: usize) -> f64 {
     }
     std::hint::black_box(&c);
     2.0 * (m * k * n) as f64 / best / 1e9
+}
+
+/// GFLOP/s of independent FMAs alone on `threads` threads with the active ISA's registers: the
+/// ceiling the kernels are measured against (`prefixd bench --kernels`, shape `fma_peak`). None
+/// without AVX2.
+pub fn measure_peak(threads: usize) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let isa = isa::active();
+        let lanes = match isa {
+            Isa::Avx512 => 16,
+            Isa::Avx2 => 8,
+            Isa::Baseline => return None,
+        };
+        const ITERS: usize = 25_000_000;
+        let flops = (threads.max(1) * ITERS * x86::FMA_CHAINS * lanes * 2) as f64;
+        // Best of three, as the kernels' figures are best-of.
+        let best = (0..3)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                std::thread::scope(|s| {
+                    for _ in 0..threads.max(1) {
+                        // SAFETY: the ISA is the active one, which the CPU has.
+                        s.spawn(move || std::hint::black_box(unsafe { x86::fma_loop(isa, ITERS) }));
+                    }
+                });
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min);
+        Some(flops / best / 1e9)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = threads;
+        None
+    }
 }
 
 #[cfg(test)]
