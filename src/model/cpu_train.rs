@@ -16,7 +16,7 @@
 
 use super::batch::HostBatch;
 use super::cpu::{hsum, softmax_rows, CtxPtr, HostBert, LANES};
-use super::gemm::{gemm, gemm_strided, Epilogue, PackedB};
+use super::gemm::{gemm, gemm_strided, gemm_strided_t, Epilogue, PackedB};
 use super::kernels::gelu_map;
 use super::pool;
 
@@ -570,13 +570,12 @@ impl HostBert {
                             scale,
                         );
                     }
-                    transpose(&sc.c2, queries, t, &mut sc.a); // P_dropᵀ: [t, queries]
-                                                              // dV = P_dropᵀ · dctx  [t, D]
+                    // dV = P_dropᵀ · dctx  [t, D] (P_drop read transposed, in place)
                     let dctx_b = sc.b2.get_or_insert_with(PackedB::empty);
                     dctx_b.repack(queries, d, |qi| &dctx[qi * hd..qi * hd + d]);
                     sc.c1.clear();
                     sc.c1.resize(t * d, 0.0);
-                    gemm_strided(&sc.a, queries, t, dctx_b, &mut sc.c1, d);
+                    gemm_strided_t(&sc.c2, t, t, dctx_b, &mut sc.c1, d);
                     // dQ = dS · K  [queries, D], into d_qkv's query columns.
                     let k_rows = sc.b1.get_or_insert_with(PackedB::empty);
                     k_rows.repack(t, d, |j| kv_row(block(l, 0, head), q0, j, p, 1, &s, head));
@@ -588,13 +587,12 @@ impl HostBert {
                         )
                     };
                     gemm_strided(&sc.d, t, queries, k_rows, dq, 3 * hd);
-                    // dK = dSᵀ · Q  [t, D]
-                    transpose(&sc.d, queries, t, &mut sc.a);
+                    // dK = dSᵀ · Q  [t, D] (dS read transposed, in place)
                     let q_rows = sc.b2.get_or_insert_with(PackedB::empty);
                     q_rows.repack(queries, d, |qi| &q0[qi * 3 * hd + head * d..][..d]);
                     sc.c2.clear();
                     sc.c2.resize(t * d, 0.0);
-                    gemm_strided(&sc.a, queries, t, q_rows, &mut sc.c2, d);
+                    gemm_strided_t(&sc.d, t, t, q_rows, &mut sc.c2, d);
                     // Split keys/values: prefix part → this item's slot, tokens → d_qkv.
                     // SAFETY: item's own d_prefix slot; its row's key/value columns of d_qkv.
                     let dp = unsafe {
@@ -653,17 +651,6 @@ impl HostBert {
             }
         }
         d_prefix
-    }
-}
-
-/// `dst[c, r] = src[r, c]` for a `[rows, cols]` `src`.
-fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut Vec<f32>) {
-    dst.clear();
-    dst.resize(rows * cols, 0.0);
-    for r in 0..rows {
-        for (c, v) in src[r * cols..(r + 1) * cols].iter().enumerate() {
-            dst[c * rows + r] = *v;
-        }
     }
 }
 
