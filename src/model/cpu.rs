@@ -386,7 +386,7 @@ dispatch! {
     /// LANES ≥ `cols`): `x[·][c] = softmax(scale · x[·][c])`, `scale` > 0. Each LANES columns are
     /// one vector per row, so max and sum accumulate lane-wise and never reduce across lanes;
     /// the padding columns up to the next LANES are computed and ignored.
-    fn softmax_cols(x: &mut [f32], rows: usize, ld: usize, cols: usize, scale: f32) {
+    pub(crate) fn softmax_cols(x: &mut [f32], rows: usize, ld: usize, cols: usize, scale: f32) {
         debug_assert!(scale > 0.0 && ld.is_multiple_of(LANES) && ld >= cols && x.len() >= rows * ld);
         for c0 in (0..cols).step_by(LANES) {
             let mut max = [f32::NEG_INFINITY; LANES];

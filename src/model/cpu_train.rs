@@ -15,7 +15,7 @@
 //! Checked against candle's autograd of the same model (`tests/train.rs`).
 
 use super::batch::HostBatch;
-use super::cpu::{hsum, softmax_rows, CtxPtr, HostBert, LANES};
+use super::cpu::{softmax_cols, CtxPtr, HostBert, LANES};
 use super::gemm::{gemm, gemm_strided, gemm_strided_t, Epilogue, PackedB};
 use super::kernels::gelu_map;
 use super::pool;
@@ -94,32 +94,65 @@ dispatch! {
 }
 
 dispatch! {
-    /// One query's attention backward through dropout and softmax: with `m` the dropout factors,
-    /// `pd = p ⊙ m` (the dropped probabilities, for dV) and `d ← scale · p ⊙ (d ⊙ m − Σ d⊙m⊙p)`
-    /// (the scores' gradient). In lanes, so it vectorizes.
-    fn probs_back(site: Site, first: u32, p: &[f32], d: &mut [f32], pd: &mut [f32], scale: f32) {
-        let mut lanes = [0f32; LANES];
-        let t = p.len();
-        for j in 0..t {
-            let f = site.factor(first.wrapping_add(j as u32));
-            pd[j] = p[j] * f;
-            d[j] *= f;
-        }
-        let mut pc = p.chunks_exact(LANES);
-        let mut dc = d.chunks_exact(LANES);
-        for (pc, dc) in (&mut pc).zip(&mut dc) {
-            for l in 0..LANES {
-                lanes[l] += pc[l] * dc[l];
+    /// Dropout of probabilities kept keys × queries (`rows` keys × `ld`, the first `cols` queries):
+    /// element (key j, query c) gets `factor(first + c·stride + j)`, the index it has in the
+    /// queries × keys numbering, so the masks are those of [`Site::apply`] over query rows.
+    fn drop_apply_cols(site: Site, x: &mut [f32], rows: usize, ld: usize, cols: usize, first: u32, stride: u32) {
+        for j in 0..rows {
+            for (c, v) in x[j * ld..j * ld + cols].iter_mut().enumerate() {
+                *v *= site.factor(first.wrapping_add((c as u32).wrapping_mul(stride)).wrapping_add(j as u32));
             }
         }
-        let mut dot = hsum(lanes);
-        for (a, b) in pc.remainder().iter().zip(dc.remainder()) {
-            dot += a * b;
-        }
-        for (d, p) in d.iter_mut().zip(p) {
-            *d = p * (*d - dot) * scale;
+    }
+}
+
+dispatch! {
+    /// Attention's backward through dropout and softmax, probabilities kept keys × queries (`t`
+    /// rows × `ld`; `cols` queries, `ld` a multiple of LANES): with `m` the dropout factors, per
+    /// query column `pd = p ⊙ m` (the dropped probabilities, for dV) and
+    /// `d ← scale · p ⊙ (d ⊙ m − Σ d⊙m⊙p)` (the scores' gradient), the sum running down the
+    /// column, LANES queries a vector — no reduction across lanes. The padding columns up to the
+    /// next LANES are computed and ignored.
+    fn probs_back_cols(
+        site: Site,
+        first: u32,
+        stride: u32,
+        p: &[f32],
+        d: &mut [f32],
+        pd: &mut [f32],
+        t: usize,
+        ld: usize,
+        cols: usize,
+        scale: f32
+    ) {
+        for c0 in (0..cols).step_by(LANES) {
+            let mut dot = [0f32; LANES];
+            for j in 0..t {
+                let o = j * ld + c0;
+                let (p, d, pd) = (&p[o..o + LANES], &mut d[o..o + LANES], &mut pd[o..o + LANES]);
+                for l in 0..LANES {
+                    let idx = ((c0 + l) as u32).wrapping_mul(stride).wrapping_add(j as u32);
+                    let f = site.factor(first.wrapping_add(idx));
+                    pd[l] = p[l] * f;
+                    d[l] *= f;
+                    dot[l] += p[l] * d[l];
+                }
+            }
+            for j in 0..t {
+                let o = j * ld + c0;
+                let (p, d) = (&p[o..o + LANES], &mut d[o..o + LANES]);
+                for l in 0..LANES {
+                    d[l] = p[l] * (d[l] - dot[l]) * scale;
+                }
+            }
         }
     }
+}
+
+/// The width probabilities are kept at for `queries` queries: keys × this, a multiple of 32 (the
+/// widest GEMM panel, so LANES divides it too).
+fn probs_ld(queries: usize) -> usize {
+    queries.next_multiple_of(32).max(32)
 }
 
 const SITES_PER_LAYER: u32 = 3;
@@ -392,20 +425,25 @@ impl HostBert {
                 SCRATCH.with(|sc| {
                     let mut sc = sc.borrow_mut();
                     let sc = &mut *sc;
-                    let keys = sc.b1.get_or_insert_with(PackedB::empty);
-                    keys.repack_transposed(d, t, |j| {
-                        kv_row(block(l, 0, head), q0, j, p, 1, &s, head)
-                    });
+                    // As inference's attention: probabilities kept keys × queries, Pᵀ =
+                    // [Kp; K]·Qᵀ with the keys read in place and only the queries transposed,
+                    // the softmax down columns (see `cpu::attention`).
+                    let qt = sc.b1.get_or_insert_with(PackedB::empty);
+                    qt.repack_transposed(d, queries, |qi| &q0[qi * 3 * hd + head * d..][..d]);
+                    let ld = probs_ld(queries);
                     // SAFETY: item (row, head) owns its probs entry.
                     let probs = unsafe { &mut *probs_ptr.at(item) };
-                    probs.resize(queries * t, 0.0);
-                    gemm_strided(&q0[head * d..], 3 * hd, queries, keys, probs, t);
-                    softmax_rows(probs, t, 1.0 / (d as f32).sqrt());
+                    probs.resize(t * ld, 0.0);
+                    let (by_prefix, by_token) = probs.split_at_mut(p * ld);
+                    gemm_strided(block(l, 0, head), d, p, qt, by_prefix, ld);
+                    gemm_strided(&q0[hd + head * d..], 3 * hd, len, qt, by_token, ld);
+                    softmax_cols(probs, t, ld, queries, 1.0 / (d as f32).sqrt());
                     // Dropped copy for the values.
                     sc.a.clear();
                     sc.a.extend_from_slice(probs);
-                    for (qi, r) in sc.a.chunks_exact_mut(t).enumerate() {
-                        site.apply(r, prob_index(row, head, qi, 0, &s));
+                    if site.on {
+                        let first = prob_index(row, head, 0, 0, &s);
+                        drop_apply_cols(site, &mut sc.a, t, ld, queries, first, p_max_t(&s) as u32);
                     }
                     let values = sc.b2.get_or_insert_with(PackedB::empty);
                     values.repack(t, d, |j| kv_row(block(l, 1, head), q0, j, p, 2, &s, head));
@@ -416,7 +454,7 @@ impl HostBert {
                             (queries.max(1) - 1) * hd + d,
                         )
                     };
-                    gemm_strided(&sc.a, t, queries, values, dst, hd);
+                    gemm_strided_t(&sc.a, ld, queries, values, dst, hd);
                 });
             });
             // Output dense, dropout, residual, LayerNorm.
@@ -522,8 +560,20 @@ impl HostBert {
             drop.site(site_of(l, 1)).apply(&mut d_mid, 0);
             gemm(&d_mid, rows, &lb.attn_out, &mut d_ctx, Epilogue::None);
             // Attention, per (row, head).
-            d_qkv.clear();
+            // The items below write every real row's query, key and value columns (the last
+            // layer: only each row's first query); zero just what they leave, not 9 MB per layer.
             d_qkv.resize(n * 3 * hd, 0.0);
+            for (row, &len) in batch.lens.iter().enumerate() {
+                let rows =
+                    d_qkv[row * sl * 3 * hd..(row + 1) * sl * 3 * hd].chunks_exact_mut(3 * hd);
+                for (j, r) in rows.enumerate() {
+                    if j >= len {
+                        r.fill(0.0);
+                    } else if l == last && j >= 1 {
+                        r[..hd].fill(0.0);
+                    }
+                }
+            }
             let mut d_prefix_items = vec![0f32; b * h * 2 * p * d];
             let site = drop.site(site_of(l, 0));
             let (dq_ptr, dp_ptr) = (
@@ -547,36 +597,31 @@ impl HostBert {
                 SCRATCH.with(|sc| {
                     let mut sc = sc.borrow_mut();
                     let sc = &mut *sc;
-                    // dP_drop = dctx · Vᵀ  [queries, t]
-                    let vt = sc.b1.get_or_insert_with(PackedB::empty);
-                    vt.repack_transposed(d, t, |j| {
-                        kv_row(block(l, 1, head), q0, j, p, 2, &s, head)
-                    });
+                    // Keys × queries throughout, as the forward kept P: dP_dropᵀ = [Vp; V]·dctxᵀ
+                    // (values read in place, dctx transposed) [t, ld].
+                    let ld = probs_ld(queries);
+                    let dct = sc.b1.get_or_insert_with(PackedB::empty);
+                    dct.repack_transposed(d, queries, |qi| &dctx[qi * hd..qi * hd + d]);
                     sc.d.clear();
-                    sc.d.resize(queries * t, 0.0);
-                    gemm_strided(dctx, hd, queries, vt, &mut sc.d, t);
-                    // P_drop (for dV), then dS = P ⊙ (dP − Σ dP·P), dP = dP_drop ⊙ mask.
+                    sc.d.resize(t * ld, 0.0);
+                    let (by_prefix, by_token) = sc.d.split_at_mut(p * ld);
+                    gemm_strided(block(l, 1, head), d, p, dct, by_prefix, ld);
+                    gemm_strided(&q0[2 * hd + head * d..], 3 * hd, len, dct, by_token, ld);
+                    // P_dropᵀ (for dV), then dSᵀ = P ⊙ (dP − Σ dP·P), dP = dP_drop ⊙ mask.
                     sc.c2.clear();
-                    sc.c2.resize(queries * t, 0.0); // P_drop: [queries, t]
-                    for qi in 0..queries {
-                        let first = prob_index(row, head, qi, 0, &s);
-                        let rows = qi * t..(qi + 1) * t;
-                        probs_back(
-                            site,
-                            first,
-                            &pr[rows.clone()],
-                            &mut sc.d[rows.clone()],
-                            &mut sc.c2[rows],
-                            scale,
-                        );
-                    }
-                    // dV = P_dropᵀ · dctx  [t, D] (P_drop read transposed, in place)
+                    sc.c2.resize(t * ld, 0.0);
+                    let first = prob_index(row, head, 0, 0, &s);
+                    let stride = p_max_t(&s) as u32;
+                    probs_back_cols(
+                        site, first, stride, pr, &mut sc.d, &mut sc.c2, t, ld, queries, scale,
+                    );
+                    // dV = P_dropᵀ · dctx  [t, D]
                     let dctx_b = sc.b2.get_or_insert_with(PackedB::empty);
                     dctx_b.repack(queries, d, |qi| &dctx[qi * hd..qi * hd + d]);
                     sc.c1.clear();
                     sc.c1.resize(t * d, 0.0);
-                    gemm_strided_t(&sc.c2, t, t, dctx_b, &mut sc.c1, d);
-                    // dQ = dS · K  [queries, D], into d_qkv's query columns.
+                    gemm_strided(&sc.c2, ld, t, dctx_b, &mut sc.c1, d);
+                    // dQ = dS · K  [queries, D] (dSᵀ read transposed), into d_qkv's query columns.
                     let k_rows = sc.b1.get_or_insert_with(PackedB::empty);
                     k_rows.repack(t, d, |j| kv_row(block(l, 0, head), q0, j, p, 1, &s, head));
                     // SAFETY: rows of this batch row, head's query columns: this item only.
@@ -586,13 +631,13 @@ impl HostBert {
                             (queries - 1) * 3 * hd + d,
                         )
                     };
-                    gemm_strided(&sc.d, t, queries, k_rows, dq, 3 * hd);
-                    // dK = dSᵀ · Q  [t, D] (dS read transposed, in place)
+                    gemm_strided_t(&sc.d, ld, queries, k_rows, dq, 3 * hd);
+                    // dK = dSᵀ · Q  [t, D]
                     let q_rows = sc.b2.get_or_insert_with(PackedB::empty);
                     q_rows.repack(queries, d, |qi| &q0[qi * 3 * hd + head * d..][..d]);
                     sc.c2.clear();
                     sc.c2.resize(t * d, 0.0);
-                    gemm_strided_t(&sc.d, t, t, q_rows, &mut sc.c2, d);
+                    gemm_strided(&sc.d, ld, t, q_rows, &mut sc.c2, d);
                     // Split keys/values: prefix part → this item's slot, tokens → d_qkv.
                     // SAFETY: item's own d_prefix slot; its row's key/value columns of d_qkv.
                     let dp = unsafe {
@@ -654,11 +699,15 @@ impl HostBert {
     }
 }
 
+/// Keys per query in the dropout numbering: P plus the longest row.
+fn p_max_t(s: &Shape) -> usize {
+    s.p + s.seq
+}
+
 /// The dropout element index of probability (row, head, query, key).
 #[inline(always)]
 fn prob_index(row: usize, head: usize, query: usize, key: usize, s: &Shape) -> u32 {
-    let max_t = s.p + s.seq;
-    ((((row * s.heads + head) * s.seq + query) * max_t) + key) as u32
+    ((((row * s.heads + head) * s.seq + query) * p_max_t(s)) + key) as u32
 }
 
 /// Per-item access to the per-(row, head) probability buffers.
