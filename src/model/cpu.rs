@@ -140,16 +140,16 @@ pub(crate) struct AttnShape {
     pub head_dim: usize,
 }
 
-/// One head's reusable buffers: packed keys and values, the score rows.
+/// One head's reusable buffers: packed queries (transposed) and values, the scores.
 struct HeadScratch {
-    keys: PackedB,
+    queries: PackedB,
     values: PackedB,
     scores: Vec<f32>,
 }
 
 thread_local! {
     static HEAD: std::cell::RefCell<HeadScratch> = std::cell::RefCell::new(HeadScratch {
-        keys: PackedB::empty(),
+        queries: PackedB::empty(),
         values: PackedB::empty(),
         scores: Vec::new(),
     });
@@ -173,7 +173,7 @@ impl CtxPtr {
 }
 
 /// Σ of the lanes as a tree (16 → 8 → 4 → 2 → 1): a plain `iter().sum()` is a chain of 15
-/// dependent scalar adds, which at a hundred-odd keys per row cost more than the row's exps.
+/// dependent scalar adds.
 #[inline(always)]
 pub(crate) fn hsum(mut v: [f32; LANES]) -> f32 {
     let mut w = LANES / 2;
@@ -186,102 +186,14 @@ pub(crate) fn hsum(mut v: [f32; LANES]) -> f32 {
     v[0]
 }
 
-/// The largest lane, as a tree (see [`hsum`]).
-#[inline(always)]
-fn hmax(mut v: [f32; LANES]) -> f32 {
-    let mut w = LANES / 2;
-    while w > 0 {
-        for l in 0..w {
-            v[l] = if v[l + w] > v[l] { v[l + w] } else { v[l] };
-        }
-        w /= 2;
-    }
-    v[0]
-}
-
-dispatch! {
-    /// [`softmax_rows`] for CPUs without AVX2: max and sum accumulate in LANES separate lanes
-    /// and reduce as trees, so the compiler vectorizes what it can.
-    fn softmax_rows_portable(x: &mut [f32], width: usize, scale: f32) {
-        debug_assert!(scale > 0.0);
-        for row in x.chunks_exact_mut(width) {
-            let mut lanes = [f32::NEG_INFINITY; LANES];
-            let mut chunks = row.chunks_exact(LANES);
-            for c in &mut chunks {
-                for l in 0..LANES {
-                    lanes[l] = if c[l] > lanes[l] { c[l] } else { lanes[l] };
-                }
-            }
-            let mut max = hmax(lanes);
-            for &v in chunks.remainder() {
-                max = if v > max { v } else { max };
-            }
-            let shift = max * scale;
-            let mut sums = [0f32; LANES];
-            let mut chunks = row.chunks_exact_mut(LANES);
-            for c in &mut chunks {
-                for l in 0..LANES {
-                    c[l] = exp(c[l] * scale - shift);
-                    sums[l] += c[l];
-                }
-            }
-            // The last < LANES values through the same vector body: padded with −∞ (exp → 0),
-            // since a scalar exp apiece cost as much as a whole chunk each.
-            let tail = chunks.into_remainder();
-            let mut last = [f32::NEG_INFINITY; LANES];
-            last[..tail.len()].copy_from_slice(tail);
-            for l in 0..LANES {
-                last[l] = exp(last[l] * scale - shift);
-                sums[l] += last[l];
-            }
-            tail.copy_from_slice(&last[..tail.len()]);
-            let sum = hsum(sums);
-            let inv = 1.0 / sum;
-            for v in row.iter_mut() {
-                *v *= inv;
-            }
-        }
-    }
-}
-
-/// `x = softmax(scale · x)` over each row of `width`, `scale` > 0; the scale is applied inside
-/// the exp (`scale · max` is where `scale · x` peaks). On AVX2/AVX-512 the rows run through
-/// explicit vector code (`kernels::simd`): FMAs in the exp, masked tails, one horizontal
-/// reduction per pass. (History: a running scalar max and sum ran a hundred-odd-key softmax at
-/// scalar speed — 17% of a forward pass; after lane accumulators the reductions and the scalar
-/// tail were still 40% of attention.)
-pub(crate) fn softmax_rows(x: &mut [f32], width: usize, scale: f32) {
-    debug_assert!(scale > 0.0);
-    #[cfg(target_arch = "x86_64")]
-    {
-        use super::isa::{self, Isa};
-        use super::kernels::simd;
-        match isa::active() {
-            // SAFETY: `isa::active` never exceeds what the CPU reports.
-            Isa::Avx512 => {
-                return x
-                    .chunks_exact_mut(width)
-                    .for_each(|r| unsafe { simd::softmax_row512(r, scale) })
-            }
-            Isa::Avx2 => {
-                return x
-                    .chunks_exact_mut(width)
-                    .for_each(|r| unsafe { simd::softmax_row256(r, scale) })
-            }
-            Isa::Baseline => {}
-        }
-    }
-    softmax_rows_portable(x, width, scale)
-}
-
 /// Prefixed self-attention over a whole batch, one (row, head) at a time and both cores busy.
 ///
 /// Per row b and head h, with its task's P prefix keys/values and its n real tokens (padding is
 /// left out, not masked): `scores = Q·[Kp; K]ᵀ` through the GEMM micro-kernels (keys and values
 /// read from where they lie: the task's prefix block and the QKV rows), softmax, then
 /// `ctx = probs · [Vp; V]` into this head's columns. `qkv`: `[B·S, 3·Hd]`; `ctx`: `[B·S, Hd]`;
-/// padding rows are not written (nothing reads them: they are no row's keys). With more than a
-/// few queries the scores are kept transposed (keys × queries), see below.
+/// padding rows are not written (nothing reads them: they are no row's keys). The scores are kept
+/// transposed (keys × queries), see below.
 ///
 /// (The first version looped over keys with one dot product each: 31% of a forward pass.)
 ///
@@ -338,48 +250,31 @@ pub(crate) fn attention(
                     (queries.max(1) - 1) * hd + d,
                 )
             };
-            if queries < KEYS_BY_QUERIES_FROM {
-                // A query or few (the last layer's [CLS]): scores as queries × keys.
-                sc.keys.repack_transposed(d, t, |j| {
-                    if j < p {
-                        &kp[j * d..(j + 1) * d]
-                    } else {
-                        token(j - p, 1)
-                    }
-                });
-                sc.scores.resize(queries * t, 0.0);
-                gemm_strided(
-                    &rows[head * d..],
-                    3 * hd,
-                    queries,
-                    &sc.keys,
-                    &mut sc.scores,
-                    t,
-                );
-                softmax_rows(&mut sc.scores, t, scale);
-                gemm_strided(&sc.scores, t, queries, &sc.values, dst, hd);
-                return;
-            }
             // Scores as keys × queries (Sᵀ = K·Qᵀ): the keys are the A operand, read where they
             // lie (prefix block, QKV rows), and only the queries are transposed into a packed
             // operand; the softmax then runs down columns, 16 queries a vector, with no
             // horizontal reductions; the context product reads Sᵀ as a transposed A.
             // (Queries × keys spent a third of attention in row softmaxes — latency-bound
-            // reductions — and a sixth transposing every key.)
-            sc.keys.repack_transposed(d, queries, |i| token(i, 0));
-            let ld = queries.next_multiple_of(32);
+            // reductions — and a sixth transposing every key. With a single query, the last
+            // layer's [CLS], the 32-wide panel is mostly padding: ~0.2% of a 32 × 64 forward,
+            // not worth a second layout.)
+            sc.queries.repack_transposed(d, queries, |i| token(i, 0));
+            let ld = scores_ld(queries);
             sc.scores.resize(t * ld, 0.0);
             let (by_prefix, by_token) = sc.scores.split_at_mut(p * ld);
-            gemm_strided(kp, d, p, &sc.keys, by_prefix, ld);
-            gemm_strided(&rows[hd + head * d..], 3 * hd, n, &sc.keys, by_token, ld);
+            gemm_strided(kp, d, p, &sc.queries, by_prefix, ld);
+            gemm_strided(&rows[hd + head * d..], 3 * hd, n, &sc.queries, by_token, ld);
             softmax_cols(&mut sc.scores, t, ld, queries, scale);
             gemm_strided_t(&sc.scores, ld, queries, &sc.values, dst, hd);
         });
     });
 }
 
-/// From this many queries on, attention computes its scores keys × queries (see [`attention`]).
-const KEYS_BY_QUERIES_FROM: usize = 8;
+/// The row width attention keeps its scores at for `queries` queries (keys × this): a multiple
+/// of 32, the widest GEMM panel, so LANES divides it too.
+pub(crate) fn scores_ld(queries: usize) -> usize {
+    queries.next_multiple_of(32).max(32)
+}
 
 dispatch! {
     /// Softmax down each of the first `cols` columns of `x` (`rows` × `ld`, `ld` a multiple of

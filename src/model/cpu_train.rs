@@ -15,7 +15,7 @@
 //! Checked against candle's autograd of the same model (`tests/train.rs`).
 
 use super::batch::HostBatch;
-use super::cpu::{softmax_cols, CtxPtr, HostBert, LANES};
+use super::cpu::{scores_ld, softmax_cols, CtxPtr, HostBert, LANES};
 use super::gemm::{gemm, gemm_strided, gemm_strided_t, Epilogue, PackedB};
 use super::kernels::gelu_map;
 use super::pool;
@@ -147,12 +147,6 @@ dispatch! {
             }
         }
     }
-}
-
-/// The width probabilities are kept at for `queries` queries: keys × this, a multiple of 32 (the
-/// widest GEMM panel, so LANES divides it too).
-fn probs_ld(queries: usize) -> usize {
-    queries.next_multiple_of(32).max(32)
 }
 
 const SITES_PER_LAYER: u32 = 3;
@@ -430,7 +424,7 @@ impl HostBert {
                     // the softmax down columns (see `cpu::attention`).
                     let qt = sc.b1.get_or_insert_with(PackedB::empty);
                     qt.repack_transposed(d, queries, |qi| &q0[qi * 3 * hd + head * d..][..d]);
-                    let ld = probs_ld(queries);
+                    let ld = scores_ld(queries);
                     // SAFETY: item (row, head) owns its probs entry.
                     let probs = unsafe { &mut *probs_ptr.at(item) };
                     probs.resize(t * ld, 0.0);
@@ -599,7 +593,7 @@ impl HostBert {
                     let sc = &mut *sc;
                     // Keys × queries throughout, as the forward kept P: dP_dropᵀ = [Vp; V]·dctxᵀ
                     // (values read in place, dctx transposed) [t, ld].
-                    let ld = probs_ld(queries);
+                    let ld = scores_ld(queries);
                     let dct = sc.b1.get_or_insert_with(PackedB::empty);
                     dct.repack_transposed(d, queries, |qi| &dctx[qi * hd..qi * hd + d]);
                     sc.d.clear();
