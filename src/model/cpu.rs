@@ -9,7 +9,7 @@
 //! residual+LayerNorm passes. Numbers agree with the candle path to float32 rounding (tested).
 //! The candle path stays for training (autograd) and for GPUs.
 
-use super::gemm::{gemm, gemm_strided, gemm_strided_t, Epilogue, PackedB};
+use super::gemm::{gemm, gemm_serial, gemm_strided, gemm_strided_t, Epilogue, PackedB};
 use super::kernels::exp;
 use super::PrefixKv;
 
@@ -434,6 +434,9 @@ impl HostBert {
         inter: &mut Vec<f32>,
         rows: usize,
     ) {
+        if rows >= FUSED_MIN_ROWS * rayon::current_num_threads().max(1) {
+            return self.ffn_by_blocks(layer, x, ctx, rows);
+        }
         layer.attn_out.forward(ctx, rows, tmp);
         layer.attn_norm.residual(tmp, x);
         std::mem::swap(x, tmp);
@@ -441,6 +444,65 @@ impl HostBert {
         layer.out.forward(inter, rows, tmp);
         layer.out_norm.residual(tmp, x);
         std::mem::swap(x, tmp);
+    }
+}
+
+/// Rows per thread from which [`HostBert::ffn_block`] runs by row blocks.
+const FUSED_MIN_ROWS: usize = 32;
+
+/// Rows per block at most in [`HostBert::ffn_by_blocks`]: the block's intermediate (`rows` ×
+/// 1536 for MiniLM, 590 KB at 96) stays in the core's L2 between the two feed-forward products.
+const BLOCK_ROWS: usize = 96;
+
+thread_local! {
+    /// A row block's dense output and feed-forward intermediate.
+    static BLOCK: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+impl HostBert {
+    /// [`Self::ffn_block`] for many rows: everything after attention is row by row, so each core
+    /// takes whole blocks of rows through all of it (output dense, residual + LayerNorm,
+    /// feed-forward, residual + LayerNorm) — one parallel region instead of five, and the
+    /// intermediate, 4× the hidden width, never leaves the core's cache.
+    fn ffn_by_blocks(&self, layer: &Layer, x: &mut [f32], ctx: &[f32], rows: usize) {
+        let hd = self.hidden;
+        let wide = layer.inter.w.n();
+        let threads = rayon::current_num_threads().max(1);
+        // Equal blocks, as many as a multiple of the threads, so no core waits at the end.
+        let per = rows.div_ceil(rows.div_ceil(BLOCK_ROWS).next_multiple_of(threads));
+        assert!(x.len() >= rows * hd && ctx.len() >= rows * hd);
+        let xp = CtxPtr(x.as_mut_ptr());
+        super::pool::for_each(rows.div_ceil(per), |item| {
+            let (r0, m) = (item * per, per.min(rows - item * per));
+            // SAFETY: item i owns rows r0..r0+m of x, inside its length (asserted above).
+            let xs = unsafe { std::slice::from_raw_parts_mut(xp.at(r0 * hd), m * hd) };
+            BLOCK.with(|block| {
+                let mut block = block.borrow_mut();
+                let (tmp, inter) = &mut *block;
+                tmp.resize(tmp.len().max(m * hd), 0.0);
+                inter.resize(inter.len().max(m * wide), 0.0);
+                let dense = |d: &Dense, a: &[f32], lda: usize, c: &mut [f32], gelu: bool| {
+                    let e = if gelu {
+                        Epilogue::BiasGelu(&d.b)
+                    } else {
+                        Epilogue::Bias(&d.b)
+                    };
+                    gemm_serial(a, lda, m, &d.w, c, d.w.n(), e);
+                };
+                let norm = |xs: &mut [f32], add: &[f32], n: &Norm| {
+                    // x = LN(x + add): the sum is the same as add + x, bit for bit.
+                    for (row, add) in xs.chunks_exact_mut(hd).zip(add.chunks_exact(hd)) {
+                        norm_row(row, add, &n.g, &n.b, n.eps);
+                    }
+                };
+                dense(&layer.attn_out, &ctx[r0 * hd..], hd, tmp, false);
+                norm(xs, tmp, &layer.attn_norm);
+                dense(&layer.inter, xs, hd, inter, true);
+                dense(&layer.out, inter, wide, tmp, false);
+                norm(xs, tmp, &layer.out_norm);
+            });
+        });
     }
 }
 

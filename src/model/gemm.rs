@@ -184,17 +184,34 @@ pub fn gemm(a: &[f32], m: usize, b: &PackedB, c: &mut Vec<f32>, epilogue: Epilog
 /// `c = a · b` on the calling thread, for small products inside work that is already parallel
 /// (attention heads): `a` is `m` rows of `b.k` values, `lda` apart; `c` is `m` rows, `ldc` apart.
 pub fn gemm_strided(a: &[f32], lda: usize, m: usize, b: &PackedB, c: &mut [f32], ldc: usize) {
+    gemm_serial(a, lda, m, b, c, ldc, Epilogue::None);
+}
+
+/// [`gemm_strided`] with an epilogue: `c = epilogue(a · b)` on the calling thread (a row block
+/// of a layer that is already parallel over row blocks).
+pub fn gemm_serial(
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    b: &PackedB,
+    c: &mut [f32],
+    ldc: usize,
+    epilogue: Epilogue<'_>,
+) {
     let (k, n) = (b.k, b.n);
     if m == 0 || n == 0 {
         return;
     }
     assert!(
         lda >= k && ldc >= n && a.len() >= (m - 1) * lda + k && c.len() >= (m - 1) * ldc + n,
-        "gemm_strided: buffers too small for {m}×{k}·{k}×{n}"
+        "gemm_serial: buffers too small for {m}×{k}·{k}×{n}"
     );
+    if let Some(bias) = epilogue.bias() {
+        assert_eq!(bias.len(), n, "gemm_serial: bias is not {n} long");
+    }
     let panels = n.div_ceil(tile(b.isa).1);
     // SAFETY: c holds m rows of n floats, ldc apart (asserted); nothing else writes it.
-    unsafe { block::<false>(a, lda, m, b, 0..panels, c.as_mut_ptr(), ldc, Epilogue::None) };
+    unsafe { block::<false>(a, lda, m, b, 0..panels, c.as_mut_ptr(), ldc, epilogue) };
 }
 
 /// [`gemm_strided`] with A given transposed: `at` holds A's `b.k` columns, `lda` apart, so
