@@ -159,6 +159,57 @@ fn cpu_kernels_agree_with_the_candle_reference_path() {
     assert!(worst < 1e-5, "pooled vectors differ by {worst:e}");
 }
 
+#[test]
+fn both_cpu_work_splits_agree_with_the_candle_reference_path() {
+    // The CPU path shares the cores two ways (model/cpu.rs): a single request runs layer by
+    // layer (short: matmuls split by columns; long: feed-forward by row blocks), a batch with
+    // rows for every core by groups of rows, each through the whole encoder on one core. Each
+    // shape below takes one of them; every row must match candle's op-by-op path.
+    let tasks: Vec<Task> = CASES.iter().map(|c| load(c)).collect();
+    // Token ids from the fixtures, cycled to any length: [CLS] … [SEP].
+    let pool: Vec<u32> = CASES
+        .iter()
+        .flat_map(|c| cases(c))
+        .flat_map(|c| c.input_ids[1..c.input_ids.len() - 1].to_vec())
+        .collect();
+    let ids = |len: usize, salt: usize| -> Vec<u32> {
+        let mut v = vec![101];
+        v.extend((0..len - 2).map(|i| pool[(i * 7 + salt * 131) % pool.len()]));
+        v.push(102);
+        v
+    };
+    let model = engine().model();
+    // (rows, lengths): one short request; one long one; two short ones; a mixed batch with
+    // padding (lengths differ) and every task.
+    let shapes: [&[usize]; 4] = [
+        &[14],
+        &[150],
+        &[14, 9],
+        &[64, 17, 40, 64, 3, 33, 64, 50, 28, 61, 12, 64],
+    ];
+    for lens in shapes {
+        let all_ids: Vec<Vec<u32>> = lens.iter().enumerate().map(|(i, &n)| ids(n, i)).collect();
+        let types: Vec<Vec<u32>> = all_ids.iter().map(|v| vec![0; v.len()]).collect();
+        let rows: Vec<prefixd::model::EncoderRow> = all_ids
+            .iter()
+            .zip(&types)
+            .enumerate()
+            .map(|(i, (ids, types))| prefixd::model::EncoderRow {
+                input_ids: ids,
+                type_ids: types,
+                prefix: &tasks[i % tasks.len()].prefix,
+            })
+            .collect();
+        let fast = model.pooled(&rows).unwrap();
+        let reference = model.pooled_reference(&rows).unwrap();
+        assert_eq!(fast.len(), rows.len());
+        for (i, (a, b)) in fast.iter().zip(&reference).enumerate() {
+            let d = max_abs_diff(a, b);
+            assert!(d < 1e-5, "lengths {lens:?}, row {i}: pooled vectors differ by {d:e}");
+        }
+    }
+}
+
 /// All 60 fixture inputs of the three tasks (P = 8, 20, 10) as one interleaved batch of rows.
 fn mixed_rows<'a>(
     tasks: &'a [Task],

@@ -8,9 +8,12 @@
 //! loop that reads the prefix and the token keys where they lie (no concatenation), and two fused
 //! residual+LayerNorm passes. Numbers agree with the candle path to float32 rounding (tested).
 //! The candle path stays for training (autograd) and for GPUs.
+//!
+//! Two ways to share the cores: a batch with rows for every core is split into groups of rows,
+//! each taken through the whole encoder by one core (`encode_by_rows`); a single request runs
+//! layer by layer, each matmul split by columns (`encode_by_layers`).
 
-use super::gemm::{gemm, gemm_serial, gemm_strided, gemm_strided_t, Epilogue, PackedB};
-use super::kernels::exp;
+use super::gemm::{gemm, gemm_serial, Epilogue, PackedB};
 use super::PrefixKv;
 
 /// The SIMD width our reductions accumulate in; any x86 vector unit up to AVX-512 fills it.
@@ -44,6 +47,12 @@ macro_rules! dispatch {
         }
     };
 }
+
+// (After `dispatch!`: the attention module uses it.)
+mod attention;
+pub use attention::measure_attention;
+use attention::{attend, attention, AttnShape, RowAttn};
+pub(crate) use attention::{scores_ld, softmax_cols};
 
 /// A dense layer: its weight packed once for the micro-kernels (`gemm.rs`), and its bias.
 pub(crate) struct Dense {
@@ -132,29 +141,6 @@ impl Norm {
     }
 }
 
-/// The shape of one attention call.
-pub(crate) struct AttnShape {
-    pub batch: usize,
-    pub seq: usize,
-    pub heads: usize,
-    pub head_dim: usize,
-}
-
-/// One head's reusable buffers: packed queries (transposed) and values, the scores.
-struct HeadScratch {
-    queries: PackedB,
-    values: PackedB,
-    scores: Vec<f32>,
-}
-
-thread_local! {
-    static HEAD: std::cell::RefCell<HeadScratch> = std::cell::RefCell::new(HeadScratch {
-        queries: PackedB::empty(),
-        values: PackedB::empty(),
-        scores: Vec::new(),
-    });
-}
-
 /// A buffer the parallel items of one region write, each its own disjoint part.
 #[derive(Clone, Copy)]
 pub(crate) struct CtxPtr(*mut f32);
@@ -184,137 +170,6 @@ pub(crate) fn hsum(mut v: [f32; LANES]) -> f32 {
         w /= 2;
     }
     v[0]
-}
-
-/// Prefixed self-attention over a whole batch, one (row, head) at a time and both cores busy.
-///
-/// Per row b and head h, with its task's P prefix keys/values and its n real tokens (padding is
-/// left out, not masked): `scores = Q·[Kp; K]ᵀ` through the GEMM micro-kernels (keys and values
-/// read from where they lie: the task's prefix block and the QKV rows), softmax, then
-/// `ctx = probs · [Vp; V]` into this head's columns. `qkv`: `[B·S, 3·Hd]`; `ctx`: `[B·S, Hd]`;
-/// padding rows are not written (nothing reads them: they are no row's keys). The scores are kept
-/// transposed (keys × queries), see below.
-///
-/// (The first version looped over keys with one dot product each: 31% of a forward pass.)
-///
-/// `first_only`: only each row's first query ([CLS]) is computed, into row b of `ctx`
-/// (`[B, Hd]`): in the last layer nothing else reaches the pooler.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn attention(
-    qkv: &[f32],
-    prefixes: &[&PrefixKv],
-    lens: &[usize],
-    layer: usize,
-    s: &AttnShape,
-    ctx: &mut [f32],
-    first_only: bool,
-) {
-    let (sl, h, d) = (s.seq, s.heads, s.head_dim);
-    let hd = h * d;
-    let scale = 1.0 / (d as f32).sqrt();
-    let out_rows = if first_only { s.batch } else { s.batch * sl };
-    assert!(
-        qkv.len() >= s.batch * sl * 3 * hd
-            && ctx.len() >= out_rows * hd
-            && prefixes.len() == s.batch
-    );
-    let out = CtxPtr(ctx.as_mut_ptr());
-    super::pool::for_each(s.batch * h, |item| {
-        let (b, head) = (item / h, item % h);
-        let (n, prefix) = (lens[b], prefixes[b]);
-        let p = prefix.num_virtual_tokens();
-        let t = p + n;
-        let (queries, out_row) = if first_only {
-            (n.min(1), b)
-        } else {
-            (n, b * sl)
-        };
-        let (kp, vp) = (prefix.block(layer, 0, head), prefix.block(layer, 1, head));
-        let rows = &qkv[b * sl * 3 * hd..];
-        let token = |j: usize, part: usize| &rows[j * 3 * hd + part * hd + head * d..][..d];
-        HEAD.with(|scratch| {
-            let mut sc = scratch.borrow_mut();
-            let sc = &mut *sc;
-            sc.values.repack(t, d, |j| {
-                if j < p {
-                    &vp[j * d..(j + 1) * d]
-                } else {
-                    token(j - p, 2)
-                }
-            });
-            // SAFETY: `queries` rows from out_row, columns head·D..head·D+D of ctx belong to this
-            // item alone; the slice covers them (asserted above).
-            let dst = unsafe {
-                std::slice::from_raw_parts_mut(
-                    out.at(out_row * hd + head * d),
-                    (queries.max(1) - 1) * hd + d,
-                )
-            };
-            // Scores as keys × queries (Sᵀ = K·Qᵀ): the keys are the A operand, read where they
-            // lie (prefix block, QKV rows), and only the queries are transposed into a packed
-            // operand; the softmax then runs down columns, 16 queries a vector, with no
-            // horizontal reductions; the context product reads Sᵀ as a transposed A.
-            // (Queries × keys spent a third of attention in row softmaxes — latency-bound
-            // reductions — and a sixth transposing every key. With a single query, the last
-            // layer's [CLS], the 32-wide panel is mostly padding: ~0.2% of a 32 × 64 forward,
-            // not worth a second layout.)
-            sc.queries.repack_transposed(d, queries, |i| token(i, 0));
-            let ld = scores_ld(queries);
-            sc.scores.resize(t * ld, 0.0);
-            let (by_prefix, by_token) = sc.scores.split_at_mut(p * ld);
-            gemm_strided(kp, d, p, &sc.queries, by_prefix, ld);
-            gemm_strided(&rows[hd + head * d..], 3 * hd, n, &sc.queries, by_token, ld);
-            softmax_cols(&mut sc.scores, t, ld, queries, scale);
-            gemm_strided_t(&sc.scores, ld, queries, &sc.values, dst, hd);
-        });
-    });
-}
-
-/// The row width attention keeps its scores at for `queries` queries (keys × this): a multiple
-/// of 32, the widest GEMM panel, so LANES divides it too.
-pub(crate) fn scores_ld(queries: usize) -> usize {
-    queries.next_multiple_of(32).max(32)
-}
-
-dispatch! {
-    /// Softmax down each of the first `cols` columns of `x` (`rows` × `ld`, `ld` a multiple of
-    /// LANES ≥ `cols`): `x[·][c] = softmax(scale · x[·][c])`, `scale` > 0. Each LANES columns are
-    /// one vector per row, so max and sum accumulate lane-wise and never reduce across lanes;
-    /// the padding columns up to the next LANES are computed and ignored.
-    pub(crate) fn softmax_cols(x: &mut [f32], rows: usize, ld: usize, cols: usize, scale: f32) {
-        debug_assert!(scale > 0.0 && ld.is_multiple_of(LANES) && ld >= cols && x.len() >= rows * ld);
-        for c0 in (0..cols).step_by(LANES) {
-            let mut max = [f32::NEG_INFINITY; LANES];
-            for j in 0..rows {
-                let r = &x[j * ld + c0..][..LANES];
-                for l in 0..LANES {
-                    max[l] = if r[l] > max[l] { r[l] } else { max[l] };
-                }
-            }
-            let mut shift = [0f32; LANES];
-            for l in 0..LANES {
-                shift[l] = max[l] * scale;
-            }
-            let mut sum = [0f32; LANES];
-            for j in 0..rows {
-                let r = &mut x[j * ld + c0..][..LANES];
-                for l in 0..LANES {
-                    r[l] = exp(r[l] * scale - shift[l]);
-                    sum[l] += r[l];
-                }
-            }
-            let mut inv = [0f32; LANES];
-            for l in 0..LANES {
-                inv[l] = 1.0 / sum[l];
-            }
-            for j in 0..rows {
-                let r = &mut x[j * ld + c0..][..LANES];
-                for l in 0..LANES {
-                    r[l] *= inv[l];
-                }
-            }
-        }
-    }
 }
 
 /// One encoder layer's weights on the host.
@@ -358,14 +213,8 @@ impl HostBert {
         let (b, sl, hd) = (batch.rows, batch.seq_len, self.hidden);
         let n = b * sl;
         let mut guard = self.workspace.lock().unwrap_or_else(|e| e.into_inner());
-        let Workspace {
-            x,
-            tmp,
-            qkv,
-            inter,
-            ctx,
-            cls,
-        } = &mut *guard;
+        let ws = &mut *guard;
+        let x = &mut ws.x;
         x.clear();
         x.resize(n * hd, 0.0);
         for (r, row) in x.chunks_exact_mut(hd).enumerate() {
@@ -384,12 +233,45 @@ impl HostBert {
             }
         }
         self.emb_norm.residual(x, &[]);
+        match row_groups(b, sl, rayon::current_num_threads().max(1)) {
+            Some(items) => self.encode_by_rows(batch, prefixes, items, ws),
+            None => self.encode_by_layers(batch, prefixes, ws),
+        }
+        // ws.cls is now [B, Hd]: each row's [CLS] after the last layer.
+        let mut pooled = Vec::new();
+        self.pooler.forward(&ws.cls, b, &mut pooled);
+        for v in pooled.iter_mut() {
+            *v = v.tanh();
+        }
+        pooled
+    }
+
+    /// The encoder one layer at a time, each step split over the cores: for batches too small to
+    /// give every core rows of its own (one request), whose matmuls split by columns instead.
+    fn encode_by_layers(
+        &self,
+        batch: &super::batch::HostBatch,
+        prefixes: &[&PrefixKv],
+        ws: &mut Workspace,
+    ) {
+        let (b, sl, hd) = (batch.rows, batch.seq_len, self.hidden);
+        let n = b * sl;
+        let Workspace {
+            x,
+            tmp,
+            qkv,
+            inter,
+            ctx,
+            cls,
+        } = ws;
         let shape = AttnShape {
             batch: b,
             seq: sl,
             heads: self.heads,
             head_dim: hd / self.heads,
         };
+        cls.clear();
+        cls.resize(b * hd, 0.0);
         let last = self.layers.len().saturating_sub(1);
         for (l, layer) in self.layers.iter().enumerate() {
             layer.qkv.forward(x, n, qkv);
@@ -397,11 +279,9 @@ impl HostBert {
                 // Only [CLS] reaches the pooler: the rest of the last layer runs on B rows.
                 ctx.resize(b * hd, 0.0);
                 attention(qkv, prefixes, &batch.lens, l, &shape, ctx, true);
-                cls.clear();
-                cls.extend((0..b).flat_map(|i| x[i * sl * hd..(i * sl + 1) * hd].iter().copied()));
-                std::mem::swap(x, cls);
-                self.ffn_block(layer, x, ctx, tmp, inter, b);
-                break;
+                gather_cls(x, sl, hd, b, cls);
+                self.ffn_block(layer, cls, ctx, tmp, inter, b);
+                return;
             }
             // Padding rows are not written by attention; whatever they hold stays finite and
             // is nobody's key.
@@ -409,18 +289,91 @@ impl HostBert {
             attention(qkv, prefixes, &batch.lens, l, &shape, ctx, false);
             self.ffn_block(layer, x, ctx, tmp, inter, n);
         }
-        // x is now [B, Hd]: each row's [CLS] (or [B·S, Hd] for a model without layers).
-        if self.layers.is_empty() {
-            cls.clear();
-            cls.extend((0..b).flat_map(|i| x[i * sl * hd..(i * sl + 1) * hd].iter().copied()));
-            std::mem::swap(x, cls);
-        }
-        let mut pooled = Vec::new();
-        self.pooler.forward(x, b, &mut pooled);
-        for v in pooled.iter_mut() {
-            *v = v.tanh();
-        }
-        pooled
+        gather_cls(x, sl, hd, b, cls); // (a model without layers)
+    }
+
+    /// The encoder by groups of batch rows, each group through every layer on one core: rows do
+    /// not meet in a BERT except through the weights, so the cores need not wait for each other
+    /// between steps, and a group's activations (QKV, context, feed-forward) stay in its core's
+    /// L2 from one step to the next. Layer by layer, each core read half its QKV rows and
+    /// contexts from the other core's cache: attention ran 1.6× slower than on data of its own
+    /// (32 × 64: 3.2 vs 2.0 ms a layer).
+    fn encode_by_rows(
+        &self,
+        batch: &super::batch::HostBatch,
+        prefixes: &[&PrefixKv],
+        items: usize,
+        ws: &mut Workspace,
+    ) {
+        let (b, sl, hd) = (batch.rows, batch.seq_len, self.hidden);
+        assert!(items > 0 && items <= b && prefixes.len() == b && batch.lens.len() == b);
+        ws.cls.clear();
+        ws.cls.resize(b * hd, 0.0);
+        let xp = CtxPtr(ws.x.as_mut_ptr());
+        let cp = CtxPtr(ws.cls.as_mut_ptr());
+        super::pool::for_each(items, |i| {
+            let (r0, r1) = (i * b / items, (i + 1) * b / items);
+            // SAFETY: item i owns batch rows r0..r1: their tokens in x, their rows in cls (both
+            // sized for b rows above).
+            let (x, cls) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(xp.at(r0 * sl * hd), (r1 - r0) * sl * hd),
+                    std::slice::from_raw_parts_mut(cp.at(r0 * hd), (r1 - r0) * hd),
+                )
+            };
+            self.encode_rows(x, cls, sl, &batch.lens[r0..r1], &prefixes[r0..r1]);
+        });
+    }
+
+    /// Every layer for a few batch rows on the calling thread: `x` holds their `S` tokens each,
+    /// `cls` receives their [CLS] rows after the last layer.
+    fn encode_rows(
+        &self,
+        x: &mut [f32],
+        cls: &mut [f32],
+        sl: usize,
+        lens: &[usize],
+        prefixes: &[&PrefixKv],
+    ) {
+        let (rows, hd, heads) = (lens.len(), self.hidden, self.heads);
+        let (n, d) = (rows * sl, hd / heads);
+        GROUP.with(|group| {
+            let mut group = group.borrow_mut();
+            let (qkv, ctx) = &mut *group;
+            grow(qkv, n * 3 * hd);
+            grow(ctx, n * hd);
+            let last = self.layers.len().saturating_sub(1);
+            for (l, layer) in self.layers.iter().enumerate() {
+                let qkv_w = &layer.qkv;
+                gemm_serial(x, hd, n, &qkv_w.w, qkv, 3 * hd, Epilogue::Bias(&qkv_w.b));
+                for (r, (&len, &prefix)) in lens.iter().zip(prefixes).enumerate() {
+                    let row = RowAttn {
+                        qkv: &qkv[r * sl * 3 * hd..],
+                        prefix,
+                        len,
+                        layer: l,
+                        heads,
+                        head_dim: d,
+                    };
+                    // The last layer: only [CLS], into row r (see `encode_by_layers`).
+                    let (queries, out_row) = if l == last {
+                        (len.min(1), r)
+                    } else {
+                        (len, r * sl)
+                    };
+                    for head in 0..heads {
+                        attend(&row, head, queries, &mut ctx[out_row * hd + head * d..]);
+                    }
+                }
+                if l == last {
+                    gather_cls(x, sl, hd, rows, cls);
+                    self.ffn_rows(layer, cls, ctx, rows);
+                    return;
+                }
+                self.ffn_rows(layer, x, ctx, n);
+            }
+            gather_cls(x, sl, hd, rows, cls);
+        });
     }
 
     /// The rest of a layer after attention, on `rows` rows: output dense + residual + LayerNorm,
@@ -434,8 +387,21 @@ impl HostBert {
         inter: &mut Vec<f32>,
         rows: usize,
     ) {
-        if rows >= FUSED_MIN_ROWS * rayon::current_num_threads().max(1) {
-            return self.ffn_by_blocks(layer, x, ctx, rows);
+        let threads = rayon::current_num_threads().max(1);
+        if rows >= BLOCK_MIN_ROWS * threads {
+            // Each core takes whole blocks of rows through all of it: one parallel region
+            // instead of five, and the intermediate stays in the core's cache.
+            let per = rows.div_ceil(rows.div_ceil(BLOCK_ROWS).next_multiple_of(threads));
+            let hd = self.hidden;
+            assert!(x.len() >= rows * hd && ctx.len() >= rows * hd);
+            let xp = CtxPtr(x.as_mut_ptr());
+            super::pool::for_each(rows.div_ceil(per), |item| {
+                let (r0, m) = (item * per, per.min(rows - item * per));
+                // SAFETY: item i owns rows r0..r0+m of x, inside its length (asserted above).
+                let xs = unsafe { std::slice::from_raw_parts_mut(xp.at(r0 * hd), m * hd) };
+                self.ffn_rows(layer, xs, &ctx[r0 * hd..], m);
+            });
+            return;
         }
         layer.attn_out.forward(ctx, rows, tmp);
         layer.attn_norm.residual(tmp, x);
@@ -445,43 +411,19 @@ impl HostBert {
         layer.out_norm.residual(tmp, x);
         std::mem::swap(x, tmp);
     }
-}
 
-/// Rows per thread from which [`HostBert::ffn_block`] runs by row blocks.
-const FUSED_MIN_ROWS: usize = 32;
-
-/// Rows per block at most in [`HostBert::ffn_by_blocks`]: the block's intermediate (`rows` ×
-/// 1536 for MiniLM, 590 KB at 96) stays in the core's L2 between the two feed-forward products.
-const BLOCK_ROWS: usize = 96;
-
-thread_local! {
-    /// A row block's dense output and feed-forward intermediate.
-    static BLOCK: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
-}
-
-impl HostBert {
-    /// [`Self::ffn_block`] for many rows: everything after attention is row by row, so each core
-    /// takes whole blocks of rows through all of it (output dense, residual + LayerNorm,
-    /// feed-forward, residual + LayerNorm) — one parallel region instead of five, and the
-    /// intermediate, 4× the hidden width, never leaves the core's cache.
-    fn ffn_by_blocks(&self, layer: &Layer, x: &mut [f32], ctx: &[f32], rows: usize) {
-        let hd = self.hidden;
-        let wide = layer.inter.w.n();
-        let threads = rayon::current_num_threads().max(1);
-        // Equal blocks, as many as a multiple of the threads, so no core waits at the end.
-        let per = rows.div_ceil(rows.div_ceil(BLOCK_ROWS).next_multiple_of(threads));
-        assert!(x.len() >= rows * hd && ctx.len() >= rows * hd);
-        let xp = CtxPtr(x.as_mut_ptr());
-        super::pool::for_each(rows.div_ceil(per), |item| {
-            let (r0, m) = (item * per, per.min(rows - item * per));
-            // SAFETY: item i owns rows r0..r0+m of x, inside its length (asserted above).
-            let xs = unsafe { std::slice::from_raw_parts_mut(xp.at(r0 * hd), m * hd) };
-            BLOCK.with(|block| {
-                let mut block = block.borrow_mut();
-                let (tmp, inter) = &mut *block;
-                tmp.resize(tmp.len().max(m * hd), 0.0);
-                inter.resize(inter.len().max(m * wide), 0.0);
+    /// [`Self::ffn_block`] on the calling thread, BLOCK_ROWS rows at a time so that the
+    /// feed-forward intermediate (4× the hidden width) stays in L2 between its two products.
+    fn ffn_rows(&self, layer: &Layer, x: &mut [f32], ctx: &[f32], rows: usize) {
+        let (hd, wide) = (self.hidden, layer.inter.w.n());
+        BLOCK.with(|block| {
+            let mut block = block.borrow_mut();
+            let (tmp, inter) = &mut *block;
+            grow(tmp, rows.min(BLOCK_ROWS) * hd);
+            grow(inter, rows.min(BLOCK_ROWS) * wide);
+            for r0 in (0..rows).step_by(BLOCK_ROWS) {
+                let m = BLOCK_ROWS.min(rows - r0);
+                let xs = &mut x[r0 * hd..(r0 + m) * hd];
                 let dense = |d: &Dense, a: &[f32], lda: usize, c: &mut [f32], gelu: bool| {
                     let e = if gelu {
                         Epilogue::BiasGelu(&d.b)
@@ -501,43 +443,55 @@ impl HostBert {
                 dense(&layer.inter, xs, hd, inter, true);
                 dense(&layer.out, inter, wide, tmp, false);
                 norm(xs, tmp, &layer.out_norm);
-            });
+            }
         });
     }
 }
 
-/// GFLOP/s of [`attention`] (score and context products, softmax, key/value packing) on a
-/// `batch × seq` batch of one task with `p` virtual tokens, MiniLM's 12 heads of 32: best of
-/// `reps` calls after one warm-up (`prefixd bench --kernels`).
-pub fn measure_attention(batch: usize, seq: usize, p: usize, reps: usize) -> f64 {
-    let (heads, d) = (12, 32);
-    let hd = heads * d;
-    let fill = |n: usize, salt: usize| -> Vec<f32> {
-        (0..n)
-            .map(|i| ((i * salt) % 1000) as f32 / 1000.0 - 0.5)
-            .collect()
-    };
-    let prefix = PrefixKv::from_peft_layout(&fill(p * 2 * hd, 7919), p, 1, heads, d);
-    let qkv = fill(batch * seq * 3 * hd, 104729);
-    let mut ctx = vec![0f32; batch * seq * hd];
-    let lens = vec![seq; batch];
-    let prefixes = vec![&prefix; batch];
-    let shape = AttnShape {
-        batch,
-        seq,
-        heads,
-        head_dim: d,
-    };
-    let mut best = f64::INFINITY;
-    for i in 0..=reps.max(1) {
-        let t = std::time::Instant::now();
-        attention(&qkv, &prefixes, &lens, 0, &shape, &mut ctx, false);
-        if i > 0 {
-            best = best.min(t.elapsed().as_secs_f64());
-        }
+/// `cls[i] = x[i·S]` (row i's first token) for `rows` rows of `S` tokens.
+fn gather_cls(x: &[f32], sl: usize, hd: usize, rows: usize, cls: &mut [f32]) {
+    for (i, out) in cls.chunks_exact_mut(hd).take(rows).enumerate() {
+        out.copy_from_slice(&x[i * sl * hd..(i * sl + 1) * hd]);
     }
-    std::hint::black_box(&ctx);
-    // Two products per (row, head): [seq × d]·[d × (p + seq)] and [seq × (p + seq)]·[(p + seq) × d].
-    let flops = 2.0 * 2.0 * (batch * heads * seq * (p + seq) * d) as f64;
-    flops / best / 1e9
+}
+
+/// Makes `v` at least `len` long (its contents are overwritten by the caller).
+fn grow(v: &mut Vec<f32>, len: usize) {
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+}
+
+/// How many work items [`HostBert::encode_by_rows`] splits a batch of `batch` rows of `seq`
+/// tokens into, or None when the layer-by-layer path serves it better: fewer rows than threads
+/// (a single request: its matmuls split by columns instead), or items too short to reuse each
+/// weight panel loaded (under MIN_ITEM_TOKENS tokens: 2 × 14 tokens measured faster by layers).
+fn row_groups(batch: usize, seq: usize, threads: usize) -> Option<usize> {
+    if batch < threads || seq == 0 {
+        return None;
+    }
+    let per = ITEM_TOKENS.div_ceil(seq).clamp(1, batch / threads);
+    let items = batch.div_ceil(per).next_multiple_of(threads).min(batch);
+    (batch * seq / items >= MIN_ITEM_TOKENS).then_some(items)
+}
+
+/// Tokens per work item [`row_groups`] aims at: enough rows for each weight panel to serve ~10
+/// micro-kernel tiles before the next is loaded.
+const ITEM_TOKENS: usize = 128;
+const MIN_ITEM_TOKENS: usize = 48;
+
+/// Rows per thread from which [`HostBert::ffn_block`] runs by row blocks.
+const BLOCK_MIN_ROWS: usize = 32;
+
+/// Rows per block in [`HostBert::ffn_rows`]: the block's intermediate (`rows` × 1536 for MiniLM,
+/// 590 KB at 96) stays in the core's L2 between the two feed-forward products.
+const BLOCK_ROWS: usize = 96;
+
+thread_local! {
+    /// A group's QKV and attention context ([`HostBert::encode_rows`]).
+    static GROUP: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    /// A row block's dense output and feed-forward intermediate ([`HostBert::ffn_rows`]).
+    static BLOCK: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }

@@ -6,10 +6,13 @@
 //! - B is packed at load into panels of NR columns, k-major, so the micro-kernel streams it with
 //!   unit stride (`PackedB`);
 //! - A is read in place (see `block`): each kernel broadcasts from its MR rows;
+//! - B streams from L3 at small batches (42 MB of MiniLM weights): the kernels prefetch it ahead
+//!   into L1, and the next panel into L2;
 //! - the tile's epilogue adds the bias and applies GELU before the store (`Epilogue`), so dense
 //!   layers need no separate passes for them;
 //! - a micro-kernel keeps an MR × NR tile of C in registers over the whole k loop: 6 × 16 with
-//!   AVX2 + FMA (12 ymm accumulators), 12 × 32 with AVX-512 (24 zmm);
+//!   AVX2 + FMA (12 ymm accumulators), 12 × 32 with AVX-512 (24 zmm; its k loop is assembly,
+//!   see `x86.rs`);
 //! - the two cores split row blocks, or, when there are too few rows (a single short request),
 //!   column panels.
 //! Results are f32 with FMA accumulation in k order: they differ from other BLASes only by
@@ -274,13 +277,35 @@ unsafe fn block<const AT: bool>(
         let bp = b.data[j * k * nr..].as_ptr();
         let cols = nr.min(n - j * nr);
         let bias = epilogue.bias().map(|bias| &bias[j * nr..j * nr + cols]);
+        let all = n.div_ceil(nr);
         for r0 in (0..rows).step_by(mr) {
             let live = mr.min(rows - r0);
+            // The panel's first tiles also pull the next panel into L2, one line per k step
+            // (a panel is k × NR/16 lines: NR/16 tiles cover it); the rest prefetch their own
+            // panel, already there. From L3 the next panel's first tile stalled (8 × 16: +7%).
+            let t = r0 / mr;
+            let next = if t < nr / 16 && j + 1 < all {
+                b.data[(j + 1) * k * nr + t * k * 16..].as_ptr()
+            } else {
+                bp
+            };
             let ap = a.as_ptr().add(if AT { r0 } else { r0 * lda });
             let cp = c.add(r0 * ldc + j * nr);
             if cols == nr {
                 let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
-                kernel::<AT>(b.isa, live, k, ap, lda, bp, cp, ldc, bias, epilogue.gelu());
+                kernel::<AT>(
+                    b.isa,
+                    live,
+                    k,
+                    ap,
+                    lda,
+                    bp,
+                    next,
+                    cp,
+                    ldc,
+                    bias,
+                    epilogue.gelu(),
+                );
                 continue;
             }
             // The last, partial panel: a full-width scratch tile, then the live columns.
@@ -291,6 +316,7 @@ unsafe fn block<const AT: bool>(
                 ap,
                 lda,
                 bp,
+                next,
                 scratch.as_mut_ptr(),
                 nr,
                 std::ptr::null(),
@@ -314,6 +340,9 @@ unsafe fn block<const AT: bool>(
 /// not a whole padded tile (a 14-row request is one 12-row and one 2-row tile). `bias` is null
 /// or NR values.
 ///
+/// `next` is where the kernel prefetches into L2 from, one 64-byte line per k step (a hint: any
+/// address will do).
+///
 /// # Safety
 /// `a`: `rows` rows of k floats, `lda` apart; `b`: a k × NR panel; `c`: `rows` rows of NR
 /// writable floats, `ldc` apart.
@@ -325,6 +354,7 @@ unsafe fn kernel<const AT: bool>(
     a: *const f32,
     lda: usize,
     b: *const f32,
+    next: *const f32,
     c: *mut f32,
     ldc: usize,
     bias: *const f32,
@@ -333,7 +363,7 @@ unsafe fn kernel<const AT: bool>(
     macro_rules! by_rows {
         ($f:ident, $($r:literal)*) => {
             match rows {
-                $($r => x86::$f::<$r, AT>(k, a, lda, b, c, ldc, bias, gelu),)*
+                $($r => x86::$f::<$r, AT>(k, a, lda, b, next, c, ldc, bias, gelu),)*
                 _ => unreachable!("tile rows checked by the caller"),
             }
         };
@@ -545,6 +575,7 @@ mod tests {
         for &(m, k, n) in &[
             (1, 1, 1),
             (5, 7, 3),
+            (24, 1, 64),
             (13, 384, 33),
             (14, 384, 1152),
             (97, 50, 70),

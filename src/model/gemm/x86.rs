@@ -55,6 +55,7 @@ pub(super) unsafe fn kernel_x16<const R: usize, const AT: bool>(
     a: *const f32,
     lda: usize,
     b: *const f32,
+    next: *const f32,
     c: *mut f32,
     ldc: usize,
     bias: *const f32,
@@ -63,6 +64,7 @@ pub(super) unsafe fn kernel_x16<const R: usize, const AT: bool>(
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
     for p in 0..k {
         _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add((p + PF_STEPS) * 16) as *const i8);
+        _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(p * 16) as *const i8);
         let b0 = _mm256_loadu_ps(b.add(p * 16));
         let b1 = _mm256_loadu_ps(b.add(p * 16 + 8));
         for (i, row) in acc.iter_mut().enumerate() {
@@ -95,23 +97,20 @@ pub(super) unsafe fn kernel_x32<const R: usize, const AT: bool>(
     a: *const f32,
     lda: usize,
     b: *const f32,
+    next: *const f32,
     c: *mut f32,
     ldc: usize,
     bias: *const f32,
     gelu: bool,
 ) {
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
-    for p in 0..k {
-        // (Prefetches never fault: past the last panel they are harmless.)
-        _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add((p + PF_STEPS) * 32) as *const i8);
-        _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add((p + PF_STEPS) * 32 + 16) as *const i8);
-        let b0 = _mm512_loadu_ps(b.add(p * 32));
-        let b1 = _mm512_loadu_ps(b.add(p * 32 + 16));
+    if R == 12 && !AT {
+        let c = loop_12x32(k, a, lda, b, next);
         for (i, row) in acc.iter_mut().enumerate() {
-            let ai = _mm512_set1_ps(*a.add(super::at::<AT>(i, p, lda)));
-            row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
-            row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
+            *row = [c[2 * i], c[2 * i + 1]];
         }
+    } else {
+        accumulate_x32::<R, AT>(&mut acc, k, a, lda, b);
     }
     let (bias0, bias1) = if bias.is_null() {
         (_mm512_setzero_ps(), _mm512_setzero_ps())
@@ -127,4 +126,169 @@ pub(super) unsafe fn kernel_x32<const R: usize, const AT: bool>(
         _mm512_storeu_ps(out, v0);
         _mm512_storeu_ps(out.add(16), v1);
     }
+}
+
+/// [`kernel_x32`]'s k loop for the other tiles (fewer rows, or A transposed).
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn accumulate_x32<const R: usize, const AT: bool>(
+    acc: &mut [[__m512; 2]; R],
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+) {
+    for p in 0..k {
+        // (Prefetches never fault: past the last panel they are harmless.)
+        _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add((p + PF_STEPS) * 32) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add((p + PF_STEPS) * 32 + 16) as *const i8);
+        let b0 = _mm512_loadu_ps(b.add(p * 32));
+        let b1 = _mm512_loadu_ps(b.add(p * 32 + 16));
+        for (i, row) in acc.iter_mut().enumerate() {
+            let ai = _mm512_set1_ps(*a.add(super::at::<AT>(i, p, lda)));
+            row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
+            row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
+        }
+    }
+}
+
+/// The 12 × 32 AVX-512 tile's k loop (A read in place, not transposed), in assembly: A's 12 rows
+/// are addressed from three pointers with `lda` and `3·lda` as scaled indices, so a k step is 24
+/// FMAs, 14 loads and 4 pointer increments. LLVM, given the same loop in intrinsics, computed
+/// each row's address with a chain of adds per step, ~13 extra integer µops that compete with
+/// the FMAs for ports 0 and 5.
+///
+/// # Safety
+/// As [`kernel_x32`]: `a` holds 12 rows of `k` floats, `lda` apart; `b` a `k` × 32 panel.
+#[target_feature(enable = "avx512f")]
+unsafe fn loop_12x32(
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    next: *const f32,
+) -> [__m512; 24] {
+    let mut c = [_mm512_setzero_ps(); 24];
+    std::arch::asm!(
+        "vpxord zmm0, zmm0, zmm0",
+        "vpxord zmm1, zmm1, zmm1",
+        "vpxord zmm2, zmm2, zmm2",
+        "vpxord zmm3, zmm3, zmm3",
+        "vpxord zmm4, zmm4, zmm4",
+        "vpxord zmm5, zmm5, zmm5",
+        "vpxord zmm6, zmm6, zmm6",
+        "vpxord zmm7, zmm7, zmm7",
+        "vpxord zmm8, zmm8, zmm8",
+        "vpxord zmm9, zmm9, zmm9",
+        "vpxord zmm10, zmm10, zmm10",
+        "vpxord zmm11, zmm11, zmm11",
+        "vpxord zmm12, zmm12, zmm12",
+        "vpxord zmm13, zmm13, zmm13",
+        "vpxord zmm14, zmm14, zmm14",
+        "vpxord zmm15, zmm15, zmm15",
+        "vpxord zmm16, zmm16, zmm16",
+        "vpxord zmm17, zmm17, zmm17",
+        "vpxord zmm18, zmm18, zmm18",
+        "vpxord zmm19, zmm19, zmm19",
+        "vpxord zmm20, zmm20, zmm20",
+        "vpxord zmm21, zmm21, zmm21",
+        "vpxord zmm22, zmm22, zmm22",
+        "vpxord zmm23, zmm23, zmm23",
+        "test {k}, {k}",
+        "jz 3f",
+        ".p2align 5",
+        "2:",
+        "prefetcht0 [{b} + {pf}]",
+        "prefetcht0 [{b} + {pf} + 64]",
+        "prefetcht1 [{pf2}]",
+        "vmovups zmm24, [{b}]",
+        "vmovups zmm25, [{b} + 64]",
+        "vbroadcastss zmm26, dword ptr [{a0}]",
+        "vfmadd231ps zmm0, zmm24, zmm26",
+        "vfmadd231ps zmm1, zmm25, zmm26",
+        "vbroadcastss zmm27, dword ptr [{a0} + {lda}]",
+        "vfmadd231ps zmm2, zmm24, zmm27",
+        "vfmadd231ps zmm3, zmm25, zmm27",
+        "vbroadcastss zmm28, dword ptr [{a0} + {lda}*2]",
+        "vfmadd231ps zmm4, zmm24, zmm28",
+        "vfmadd231ps zmm5, zmm25, zmm28",
+        "vbroadcastss zmm29, dword ptr [{a0} + {lda3}]",
+        "vfmadd231ps zmm6, zmm24, zmm29",
+        "vfmadd231ps zmm7, zmm25, zmm29",
+        "vbroadcastss zmm30, dword ptr [{a4}]",
+        "vfmadd231ps zmm8, zmm24, zmm30",
+        "vfmadd231ps zmm9, zmm25, zmm30",
+        "vbroadcastss zmm31, dword ptr [{a4} + {lda}]",
+        "vfmadd231ps zmm10, zmm24, zmm31",
+        "vfmadd231ps zmm11, zmm25, zmm31",
+        "vbroadcastss zmm26, dword ptr [{a4} + {lda}*2]",
+        "vfmadd231ps zmm12, zmm24, zmm26",
+        "vfmadd231ps zmm13, zmm25, zmm26",
+        "vbroadcastss zmm27, dword ptr [{a4} + {lda3}]",
+        "vfmadd231ps zmm14, zmm24, zmm27",
+        "vfmadd231ps zmm15, zmm25, zmm27",
+        "vbroadcastss zmm28, dword ptr [{a8}]",
+        "vfmadd231ps zmm16, zmm24, zmm28",
+        "vfmadd231ps zmm17, zmm25, zmm28",
+        "vbroadcastss zmm29, dword ptr [{a8} + {lda}]",
+        "vfmadd231ps zmm18, zmm24, zmm29",
+        "vfmadd231ps zmm19, zmm25, zmm29",
+        "vbroadcastss zmm30, dword ptr [{a8} + {lda}*2]",
+        "vfmadd231ps zmm20, zmm24, zmm30",
+        "vfmadd231ps zmm21, zmm25, zmm30",
+        "vbroadcastss zmm31, dword ptr [{a8} + {lda3}]",
+        "vfmadd231ps zmm22, zmm24, zmm31",
+        "vfmadd231ps zmm23, zmm25, zmm31",
+        "add {a0}, 4",
+        "add {a4}, 4",
+        "add {a8}, 4",
+        "add {b}, 128",
+        "add {pf2}, 64",
+        "dec {k}",
+        "jnz 2b",
+        "3:",
+        k = inout(reg) k => _,
+        a0 = inout(reg) a => _,
+        a4 = inout(reg) a.wrapping_add(4 * lda) => _,
+        a8 = inout(reg) a.wrapping_add(8 * lda) => _,
+        b = inout(reg) b => _,
+        pf2 = inout(reg) next => _,
+        lda = in(reg) lda * 4,
+        lda3 = in(reg) lda * 12,
+        pf = const PF_STEPS * 128,
+        out("zmm0") c[0],
+        out("zmm1") c[1],
+        out("zmm2") c[2],
+        out("zmm3") c[3],
+        out("zmm4") c[4],
+        out("zmm5") c[5],
+        out("zmm6") c[6],
+        out("zmm7") c[7],
+        out("zmm8") c[8],
+        out("zmm9") c[9],
+        out("zmm10") c[10],
+        out("zmm11") c[11],
+        out("zmm12") c[12],
+        out("zmm13") c[13],
+        out("zmm14") c[14],
+        out("zmm15") c[15],
+        out("zmm16") c[16],
+        out("zmm17") c[17],
+        out("zmm18") c[18],
+        out("zmm19") c[19],
+        out("zmm20") c[20],
+        out("zmm21") c[21],
+        out("zmm22") c[22],
+        out("zmm23") c[23],
+        out("zmm24") _,
+        out("zmm25") _,
+        out("zmm26") _,
+        out("zmm27") _,
+        out("zmm28") _,
+        out("zmm29") _,
+        out("zmm30") _,
+        out("zmm31") _,
+        options(nostack, readonly),
+    );
+    c
 }
