@@ -2,7 +2,10 @@
 # prefixd vs PyTorch + PEFT vs ONNX Runtime on this machine, side by side: same shapes, same
 # threads, one run (P = 20, MiniLM-L6, fp32). Prints each engine's JSON lines, then the table.
 #
-#   bench/compare.sh [--isa native|avx2] [seconds=5]
+#   bench/compare.sh [--isa native|avx2] [seconds=5] [rounds=2]
+#
+# Every engine runs once per round, the rounds one after another, and the table takes each
+# engine's best round: on a shared machine a neighbour's burst then costs a round, not a claim.
 #
 # --isa avx2 makes all three engines see an AVX2 + FMA CPU (bench/isa.sh: CPUID itself is capped),
 # so an AVX-512 machine measures what an AVX2-only one runs. Each engine reports the kernels it
@@ -16,6 +19,7 @@ cd "$(dirname "$0")/.."
 isa=native
 if [ "${1:-}" = "--isa" ]; then isa=$2; shift 2; fi
 secs=${1:-5}
+rounds=${2:-2}
 py=${TORCH_PYTHON:-/tmp/torchref/bin/python}
 [ -x "$py" ] || { echo "no PyTorch environment at $py (see the header of this script)" >&2; exit 1; }
 scripts/fetch-model >/dev/null
@@ -33,25 +37,34 @@ run() { echo "$1 $("${@:2}")" | tee -a "$out"; }
 torch_() { "$py" ../shared/bench/torch_baseline.py --model $model --adapter $adapter --seconds "$secs" "$@"; }
 ort_() { "$py" bench/ort_baseline.py --model $model --adapter $adapter --seconds "$secs" "$@" 2>/dev/null; }
 pfx_() { target/release/prefixd bench --model $model --prefix-len 20 --seconds "$secs" "$@"; }
-for shape in "32 64" "8 16"; do
-  set -- $shape
-  run "torch-$1x$2" torch_ --batch "$1" --seq-len "$2"
-  run "ort-$1x$2" ort_ --variant prefix --batch "$1" --seq-len "$2"
-  run "ortplain-$1x$2" ort_ --variant plain --batch "$1" --seq-len "$2"
-  run "prefixd-$1x$2" pfx_ --batch "$1" --seq-len "$2"
+for round in $(seq "$rounds"); do
+  echo "round $round of $rounds"
+  for shape in "32 64" "8 16"; do
+    set -- $shape
+    run "torch-$1x$2" torch_ --batch "$1" --seq-len "$2"
+    run "ort-$1x$2" ort_ --variant prefix --batch "$1" --seq-len "$2"
+    run "ortplain-$1x$2" ort_ --variant plain --batch "$1" --seq-len "$2"
+    run "prefixd-$1x$2" pfx_ --batch "$1" --seq-len "$2"
+  done
+  run "prefixd-32x64-32tasks" pfx_ --batch 32 --seq-len 64 --tasks 32
+  run "torch-latency" torch_ --latency
+  run "ort-latency" ort_ --variant prefix --latency
+  run "ortplain-latency" ort_ --variant plain --latency
+  run "prefixd-latency" pfx_ --latency
 done
-run "prefixd-32x64-32tasks" pfx_ --batch 32 --seq-len 64 --tasks 32
-run "torch-latency" torch_ --latency
-run "ort-latency" ort_ --variant prefix --latency
-run "ortplain-latency" ort_ --variant plain --latency
-run "prefixd-latency" pfx_ --latency
 
 python3 - "$out" <<'PY'
 import json, sys
 r = {}
 for line in open(sys.argv[1]):
     name, js = line.split(" ", 1)
-    r[name] = json.loads(js)
+    x = json.loads(js)
+    # Best round: highest throughput, lowest latency.
+    if name in r:
+        better = (x["median_ms"] < r[name]["median_ms"]) if "latency" in name else (x["seq_per_s"] > r[name]["seq_per_s"])
+        if not better:
+            continue
+    r[name] = x
 print()
 print("| measure | PyTorch + PEFT | ORT (prefix) | ORT (plain) | prefixd | prefixd / PyTorch | prefixd / ORT (prefix) | prefixd / ORT (plain) |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|")
