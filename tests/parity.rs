@@ -205,7 +205,10 @@ fn both_cpu_work_splits_agree_with_the_candle_reference_path() {
         assert_eq!(fast.len(), rows.len());
         for (i, (a, b)) in fast.iter().zip(&reference).enumerate() {
             let d = max_abs_diff(a, b);
-            assert!(d < 1e-5, "lengths {lens:?}, row {i}: pooled vectors differ by {d:e}");
+            assert!(
+                d < 1e-5,
+                "lengths {lens:?}, row {i}: pooled vectors differ by {d:e}"
+            );
         }
     }
 }

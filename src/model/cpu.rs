@@ -327,6 +327,10 @@ impl HostBert {
 
     /// Every layer for a few batch rows on the calling thread: `x` holds their `S` tokens each,
     /// `cls` receives their [CLS] rows after the last layer.
+    ///
+    /// Padding is dropped first: the rows' real tokens are packed one after another (row r from
+    /// `starts[r]`), so no matmul or LayerNorm runs on it. Rows meet only in attention, which
+    /// reads each row's own tokens; a batch of mixed lengths costs what its tokens cost.
     fn encode_rows(
         &self,
         x: &mut [f32],
@@ -336,7 +340,21 @@ impl HostBert {
         prefixes: &[&PrefixKv],
     ) {
         let (rows, hd, heads) = (lens.len(), self.hidden, self.heads);
-        let (n, d) = (rows * sl, hd / heads);
+        let d = hd / heads;
+        let mut starts = Vec::with_capacity(rows);
+        let mut n = 0;
+        for (r, &len) in lens.iter().enumerate() {
+            // (A row keeps at least its first slot, where its [CLS] is read from.)
+            let keep = len.clamp(1, sl);
+            starts.push(n);
+            x.copy_within(r * sl * hd..(r * sl + keep) * hd, n * hd);
+            n += keep;
+        }
+        let gather_cls = |x: &[f32], cls: &mut [f32]| {
+            for (out, &start) in cls.chunks_exact_mut(hd).zip(&starts) {
+                out.copy_from_slice(&x[start * hd..(start + 1) * hd]);
+            }
+        };
         GROUP.with(|group| {
             let mut group = group.borrow_mut();
             let (qkv, ctx) = &mut *group;
@@ -348,7 +366,7 @@ impl HostBert {
                 gemm_serial(x, hd, n, &qkv_w.w, qkv, 3 * hd, Epilogue::Bias(&qkv_w.b));
                 for (r, (&len, &prefix)) in lens.iter().zip(prefixes).enumerate() {
                     let row = RowAttn {
-                        qkv: &qkv[r * sl * 3 * hd..],
+                        qkv: &qkv[starts[r] * 3 * hd..],
                         prefix,
                         len,
                         layer: l,
@@ -359,20 +377,20 @@ impl HostBert {
                     let (queries, out_row) = if l == last {
                         (len.min(1), r)
                     } else {
-                        (len, r * sl)
+                        (len, starts[r])
                     };
                     for head in 0..heads {
                         attend(&row, head, queries, &mut ctx[out_row * hd + head * d..]);
                     }
                 }
                 if l == last {
-                    gather_cls(x, sl, hd, rows, cls);
+                    gather_cls(x, cls);
                     self.ffn_rows(layer, cls, ctx, rows);
                     return;
                 }
                 self.ffn_rows(layer, x, ctx, n);
             }
-            gather_cls(x, sl, hd, rows, cls);
+            gather_cls(x, cls);
         });
     }
 
