@@ -279,7 +279,7 @@ impl HostBert {
                 // Only [CLS] reaches the pooler: the rest of the last layer runs on B rows.
                 ctx.resize(b * hd, 0.0);
                 attention(qkv, prefixes, &batch.lens, l, &shape, ctx, true);
-                gather_cls(x, sl, hd, b, cls);
+                gather_cls(x, hd, (0..b).map(|i| i * sl), cls);
                 self.ffn_block(layer, cls, ctx, tmp, inter, b);
                 return;
             }
@@ -289,7 +289,7 @@ impl HostBert {
             attention(qkv, prefixes, &batch.lens, l, &shape, ctx, false);
             self.ffn_block(layer, x, ctx, tmp, inter, n);
         }
-        gather_cls(x, sl, hd, b, cls); // (a model without layers)
+        gather_cls(x, hd, (0..b).map(|i| i * sl), cls); // (a model without layers)
     }
 
     /// The encoder by groups of batch rows, each group through every layer on one core: rows do
@@ -350,11 +350,6 @@ impl HostBert {
             x.copy_within(r * sl * hd..(r * sl + keep) * hd, n * hd);
             n += keep;
         }
-        let gather_cls = |x: &[f32], cls: &mut [f32]| {
-            for (out, &start) in cls.chunks_exact_mut(hd).zip(&starts) {
-                out.copy_from_slice(&x[start * hd..(start + 1) * hd]);
-            }
-        };
         GROUP.with(|group| {
             let mut group = group.borrow_mut();
             let (qkv, ctx) = &mut *group;
@@ -384,13 +379,13 @@ impl HostBert {
                     }
                 }
                 if l == last {
-                    gather_cls(x, cls);
+                    gather_cls(x, hd, starts.iter().copied(), cls);
                     self.ffn_rows(layer, cls, ctx, rows);
                     return;
                 }
                 self.ffn_rows(layer, x, ctx, n);
             }
-            gather_cls(x, cls);
+            gather_cls(x, hd, starts.iter().copied(), cls);
         });
     }
 
@@ -466,10 +461,11 @@ impl HostBert {
     }
 }
 
-/// `cls[i] = x[i·S]` (row i's first token) for `rows` rows of `S` tokens.
-fn gather_cls(x: &[f32], sl: usize, hd: usize, rows: usize, cls: &mut [f32]) {
-    for (i, out) in cls.chunks_exact_mut(hd).take(rows).enumerate() {
-        out.copy_from_slice(&x[i * sl * hd..(i * sl + 1) * hd]);
+/// `cls[i] = x[starts[i]]`: each row's first token, its rows starting at `starts` (tokens of `hd`
+/// values).
+fn gather_cls(x: &[f32], hd: usize, starts: impl Iterator<Item = usize>, cls: &mut [f32]) {
+    for (out, start) in cls.chunks_exact_mut(hd).zip(starts) {
+        out.copy_from_slice(&x[start * hd..(start + 1) * hd]);
     }
 }
 

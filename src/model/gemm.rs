@@ -273,11 +273,11 @@ unsafe fn block<const AT: bool>(
     let (k, n) = (b.k, b.n);
     let (mr, nr) = tile(b.isa);
     let mut scratch = [0f32; 12 * 32];
+    let all = n.div_ceil(nr);
     for j in panels {
         let bp = b.data[j * k * nr..].as_ptr();
         let cols = nr.min(n - j * nr);
         let bias = epilogue.bias().map(|bias| &bias[j * nr..j * nr + cols]);
-        let all = n.div_ceil(nr);
         for r0 in (0..rows).step_by(mr) {
             let live = mr.min(rows - r0);
             // The panel's first tiles also pull the next panel into L2, one line per k step
@@ -291,37 +291,21 @@ unsafe fn block<const AT: bool>(
             };
             let ap = a.as_ptr().add(if AT { r0 } else { r0 * lda });
             let cp = c.add(r0 * ldc + j * nr);
-            if cols == nr {
+            // A full panel is stored in place with its epilogue; the last, partial one goes to a
+            // full-width scratch tile, whose live columns are finished below.
+            let full = cols == nr;
+            let (dst, ld, tile_bias, tile_gelu) = if full {
                 let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
-                kernel::<AT>(
-                    b.isa,
-                    live,
-                    k,
-                    ap,
-                    lda,
-                    bp,
-                    next,
-                    cp,
-                    ldc,
-                    bias,
-                    epilogue.gelu(),
-                );
+                (cp, ldc, bias, epilogue.gelu())
+            } else {
+                (scratch.as_mut_ptr(), nr, std::ptr::null(), false)
+            };
+            kernel::<AT>(
+                b.isa, live, k, ap, lda, bp, next, dst, ld, tile_bias, tile_gelu,
+            );
+            if full {
                 continue;
             }
-            // The last, partial panel: a full-width scratch tile, then the live columns.
-            kernel::<AT>(
-                b.isa,
-                live,
-                k,
-                ap,
-                lda,
-                bp,
-                next,
-                scratch.as_mut_ptr(),
-                nr,
-                std::ptr::null(),
-                false,
-            );
             for i in 0..live {
                 for jj in 0..cols {
                     let mut v = scratch[i * nr + jj] + bias.map_or(0.0, |b| b[jj]);
