@@ -139,6 +139,19 @@ impl Norm {
             }
         });
     }
+
+    /// [`Self::residual`] on the calling thread (`add`: as many rows as `x`, or empty).
+    pub fn rows(&self, x: &mut [f32], add: &[f32]) {
+        let n = self.g.len();
+        for (r, row) in x.chunks_exact_mut(n).enumerate() {
+            let a = if add.is_empty() {
+                &[][..]
+            } else {
+                &add[r * n..(r + 1) * n]
+            };
+            norm_row(row, a, &self.g, &self.b, self.eps);
+        }
+    }
 }
 
 /// A buffer the parallel items of one region write, each its own disjoint part.
@@ -445,17 +458,12 @@ impl HostBert {
                     };
                     gemm_serial(a, lda, m, &d.w, c, d.w.n(), e);
                 };
-                let norm = |xs: &mut [f32], add: &[f32], n: &Norm| {
-                    // x = LN(x + add): the sum is the same as add + x, bit for bit.
-                    for (row, add) in xs.chunks_exact_mut(hd).zip(add.chunks_exact(hd)) {
-                        norm_row(row, add, &n.g, &n.b, n.eps);
-                    }
-                };
+                // x = LN(x + add): the sum is the same as add + x, bit for bit.
                 dense(&layer.attn_out, &ctx[r0 * hd..], hd, tmp, false);
-                norm(xs, tmp, &layer.attn_norm);
+                layer.attn_norm.rows(xs, &tmp[..m * hd]);
                 dense(&layer.inter, xs, hd, inter, true);
                 dense(&layer.out, inter, wide, tmp, false);
-                norm(xs, tmp, &layer.out_norm);
+                layer.out_norm.rows(xs, &tmp[..m * hd]);
             }
         });
     }
@@ -491,7 +499,7 @@ fn row_groups(batch: usize, seq: usize, threads: usize) -> Option<usize> {
 
 /// Tokens per work item [`row_groups`] aims at: enough rows for each weight panel to serve ~10
 /// micro-kernel tiles before the next is loaded.
-const ITEM_TOKENS: usize = 128;
+pub(crate) const ITEM_TOKENS: usize = 128;
 const MIN_ITEM_TOKENS: usize = 48;
 
 /// Rows per thread from which [`HostBert::ffn_block`] runs by row blocks.
