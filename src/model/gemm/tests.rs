@@ -109,3 +109,41 @@ fn matches_a_float64_reference_at_odd_and_model_shapes() {
         }
     }
 }
+
+#[test]
+fn a_range_of_columns_writes_those_columns_only() {
+    // The last layer's split of the QKV product: columns 8·NR.. for all rows, 0..8·NR for a few.
+    let mut rng = StdRng::seed_from_u64(3);
+    let (m, k) = (7, 40);
+    let nr = tile(PackedB::empty().isa).1;
+    let n = 8 * nr + nr / 2 + 1; // a partial last panel
+    let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let w: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let bias: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let packed = PackedB::pack(&w, k, n);
+    let want = reference(&a, &w, m, k, n);
+    for cols in [0..8 * nr, 8 * nr..n, nr..2 * nr] {
+        let mut c = vec![7.0f32; m * n];
+        gemm_serial_cols(
+            &a,
+            k,
+            m,
+            &packed,
+            cols.clone(),
+            &mut c,
+            n,
+            Epilogue::Bias(&bias),
+        );
+        for i in 0..m {
+            for j in 0..n {
+                let got = c[i * n + j] as f64;
+                if cols.contains(&j) {
+                    let w = want[i * n + j] + bias[j] as f64;
+                    assert!((got - w).abs() < 1e-4, "{cols:?} ({i}, {j}): {got} vs {w}");
+                } else {
+                    assert_eq!(got, 7.0, "{cols:?} wrote column {j}");
+                }
+            }
+        }
+    }
+}
