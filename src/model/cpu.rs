@@ -13,7 +13,7 @@
 //! each taken through the whole encoder by one core (`encode_by_rows`); a single request runs
 //! layer by layer, each matmul split by columns (`encode_by_layers`).
 
-use super::gemm::{gemm, gemm_serial, gemm_serial_cols, Epilogue, PackedB};
+use super::gemm::{gemm, gemm_serial, Epilogue, PackedB};
 use super::PrefixKv;
 
 /// The SIMD width our reductions accumulate in; any x86 vector unit up to AVX-512 fills it.
@@ -367,25 +367,11 @@ impl HostBert {
             let mut group = group.borrow_mut();
             let (qkv, ctx) = &mut *group;
             grow(qkv, n * 3 * hd);
-            // (Also the last layer's [CLS] queries, `rows` rows 3·Hd apart.)
-            grow(ctx, n.max(3 * rows) * hd);
+            grow(ctx, n * hd);
             let last = self.layers.len().saturating_sub(1);
             for (l, layer) in self.layers.iter().enumerate() {
-                let (w, bias) = (&layer.qkv.w, Epilogue::Bias(&layer.qkv.b));
-                if l == last && w.splits_at(hd) {
-                    // Only [CLS] queries reach the pooler from the last layer: keys and values
-                    // for every token, queries for each row's first (computed together, into
-                    // ctx, then put where attention reads them). 1.3% of a forward's FLOPs.
-                    gemm_serial_cols(x, hd, n, w, hd..3 * hd, qkv, 3 * hd, bias);
-                    gather_cls(x, hd, starts.iter().copied(), cls);
-                    gemm_serial_cols(cls, hd, rows, w, 0..hd, ctx, 3 * hd, bias);
-                    for (r, &start) in starts.iter().enumerate() {
-                        let q = &ctx[r * 3 * hd..r * 3 * hd + hd];
-                        qkv[start * 3 * hd..start * 3 * hd + hd].copy_from_slice(q);
-                    }
-                } else {
-                    gemm_serial(x, hd, n, w, qkv, 3 * hd, bias);
-                }
+                let qkv_w = &layer.qkv;
+                gemm_serial(x, hd, n, &qkv_w.w, qkv, 3 * hd, Epilogue::Bias(&qkv_w.b));
                 for (r, (&len, &prefix)) in lens.iter().zip(prefixes).enumerate() {
                     let row = RowAttn {
                         qkv: &qkv[starts[r] * 3 * hd..],

@@ -98,11 +98,6 @@ impl PackedB {
     pub fn n(&self) -> usize {
         self.n
     }
-
-    /// Whether a product can be cut before column `col` (a panel starts there).
-    pub fn splits_at(&self, col: usize) -> bool {
-        col % tile(self.isa).1 == 0
-    }
 }
 
 /// What the kernel does to a finished tile before storing it: `C = A·B`, `+ bias` (one value per
@@ -206,42 +201,20 @@ pub fn gemm_serial(
     ldc: usize,
     epilogue: Epilogue<'_>,
 ) {
-    gemm_serial_cols(a, lda, m, b, 0..b.n, c, ldc, epilogue);
-}
-
-/// [`gemm_serial`] for columns `cols` of B only (`c` still addresses column 0 of each row; the
-/// other columns are left as they are). `cols` must start and end on a panel boundary
-/// ([`PackedB::splits_at`]) or at `b.n`.
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_serial_cols(
-    a: &[f32],
-    lda: usize,
-    m: usize,
-    b: &PackedB,
-    cols: std::ops::Range<usize>,
-    c: &mut [f32],
-    ldc: usize,
-    epilogue: Epilogue<'_>,
-) {
     let (k, n) = (b.k, b.n);
-    if m == 0 || cols.is_empty() {
+    if m == 0 || n == 0 {
         return;
     }
     assert!(
         lda >= k && ldc >= n && a.len() >= (m - 1) * lda + k && c.len() >= (m - 1) * ldc + n,
         "gemm_serial: buffers too small for {m}×{k}·{k}×{n}"
     );
-    assert!(
-        b.splits_at(cols.start) && (cols.end == n || b.splits_at(cols.end)) && cols.end <= n,
-        "gemm_serial: columns {cols:?} do not fall on panels"
-    );
     if let Some(bias) = epilogue.bias() {
         assert_eq!(bias.len(), n, "gemm_serial: bias is not {n} long");
     }
-    let nr = tile(b.isa).1;
-    let panels = cols.start / nr..cols.end.div_ceil(nr);
+    let panels = n.div_ceil(tile(b.isa).1);
     // SAFETY: c holds m rows of n floats, ldc apart (asserted); nothing else writes it.
-    unsafe { block::<false>(a, lda, m, b, panels, c.as_mut_ptr(), ldc, epilogue) };
+    unsafe { block::<false>(a, lda, m, b, 0..panels, c.as_mut_ptr(), ldc, epilogue) };
 }
 
 /// [`gemm_strided`] with A given transposed: `at` holds A's `b.k` columns, `lda` apart, so
