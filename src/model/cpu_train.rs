@@ -13,8 +13,8 @@
 //! - dropout masks are not stored: each is a counter-based hash of (seed, site, element), made
 //!   again in the backward (`dropout.rs`);
 //! - the last layer runs on [CLS] rows only, forward and backward (only they reach the pooler);
-//! - what is kept per layer: the QKV projection, the attention probabilities, the feed-forward's
-//!   pre-activation, and each LayerNorm's normalized rows and inverse deviations.
+//! - what is kept per layer: the QKV projection, the attention probabilities, the feed-forward
+//!   activation's derivative, and each LayerNorm's normalized rows and inverse deviations.
 //!
 //! Checked against candle's autograd of the same model (`tests/train_gradients.rs`).
 
@@ -80,7 +80,9 @@ struct LayerSaved {
     probs: Vec<f32>,
     probs_at: Vec<usize>,
     ln1: LnSaved,
-    h_pre: Vec<f32>,
+    /// The feed-forward activation's derivative at its input (the backward needs nothing else
+    /// of it).
+    gelu_grad: Vec<f32>,
     ln2: LnSaved,
 }
 

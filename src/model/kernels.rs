@@ -141,15 +141,19 @@ pub(crate) mod simd {
     #[target_feature(enable = "avx512f")]
     pub(crate) unsafe fn gelu512(x: __m512) -> __m512 {
         let (y, _) = erfc_parts512(x);
+        gelu512_of(x, y)
+    }
+
+    #[inline(always)]
+    unsafe fn gelu512_of(x: __m512, y: __m512) -> __m512 {
         let q = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5), _mm512_abs_ps(x)), y);
         _mm512_sub_ps(_mm512_max_ps(x, _mm512_setzero_ps()), q)
     }
 
     /// d/dx GELU = Φ(x) + x·φ(x); Φ(x) = 1 − y/2 for x ≥ 0, y/2 below; φ(x) = e/√(2π).
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    pub(crate) unsafe fn gelu_grad512(x: __m512) -> __m512 {
-        let (y, e) = erfc_parts512(x);
+
+    #[inline(always)]
+    unsafe fn gelu_grad512_of(x: __m512, y: __m512, e: __m512) -> __m512 {
         let half = _mm512_mul_ps(_mm512_set1_ps(0.5), y);
         let neg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_setzero_ps());
         let cdf = _mm512_mask_blend_ps(neg, _mm512_sub_ps(_mm512_set1_ps(1.0), half), half);
@@ -208,15 +212,18 @@ pub(crate) mod simd {
     #[target_feature(enable = "avx2,fma")]
     pub(crate) unsafe fn gelu256(x: __m256) -> __m256 {
         let (y, _) = erfc_parts256(x);
+        gelu256_of(x, y)
+    }
+
+    #[inline(always)]
+    unsafe fn gelu256_of(x: __m256, y: __m256) -> __m256 {
         let ax = _mm256_andnot_ps(_mm256_set1_ps(-0.0), x);
         let q = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5), ax), y);
         _mm256_sub_ps(_mm256_max_ps(x, _mm256_setzero_ps()), q)
     }
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    pub(crate) unsafe fn gelu_grad256(x: __m256) -> __m256 {
-        let (y, e) = erfc_parts256(x);
+    #[inline(always)]
+    unsafe fn gelu_grad256_of(x: __m256, y: __m256, e: __m256) -> __m256 {
         let half = _mm256_mul_ps(_mm256_set1_ps(0.5), y);
         let neg = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_setzero_ps());
         let cdf = _mm256_blendv_ps(_mm256_sub_ps(_mm256_set1_ps(1.0), half), half, neg);
@@ -227,62 +234,56 @@ pub(crate) mod simd {
         )
     }
 
+    /// [`super::gelu_split`] over whole vectors; returns how many elements it did.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn map512(src: &[f32], dst: &mut [f32], grad: bool) -> usize {
-        let whole = src.len() / 16 * 16;
+    pub(super) unsafe fn split512(buf: &mut [f32], act: &mut [f32]) -> usize {
+        let whole = buf.len() / 16 * 16;
         for i in (0..whole).step_by(16) {
-            let (s, d) = (src.as_ptr().add(i), dst.as_mut_ptr().add(i));
-            let x = _mm512_loadu_ps(s);
-            let v = if grad {
-                _mm512_mul_ps(_mm512_loadu_ps(d), gelu_grad512(x))
-            } else {
-                gelu512(x)
-            };
-            _mm512_storeu_ps(d, v);
+            let (b, a) = (buf.as_mut_ptr().add(i), act.as_mut_ptr().add(i));
+            let x = _mm512_loadu_ps(b);
+            let (y, e) = erfc_parts512(x);
+            _mm512_storeu_ps(a, gelu512_of(x, y));
+            _mm512_storeu_ps(b, gelu_grad512_of(x, y, e));
         }
         whole
     }
 
+    /// [`super::gelu_split`] over whole vectors; returns how many elements it did.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn map256(src: &[f32], dst: &mut [f32], grad: bool) -> usize {
-        let whole = src.len() / 8 * 8;
+    pub(super) unsafe fn split256(buf: &mut [f32], act: &mut [f32]) -> usize {
+        let whole = buf.len() / 8 * 8;
         for i in (0..whole).step_by(8) {
-            let (s, d) = (src.as_ptr().add(i), dst.as_mut_ptr().add(i));
-            let x = _mm256_loadu_ps(s);
-            let v = if grad {
-                _mm256_mul_ps(_mm256_loadu_ps(d), gelu_grad256(x))
-            } else {
-                gelu256(x)
-            };
-            _mm256_storeu_ps(d, v);
+            let (b, a) = (buf.as_mut_ptr().add(i), act.as_mut_ptr().add(i));
+            let x = _mm256_loadu_ps(b);
+            let (y, e) = erfc_parts256(x);
+            _mm256_storeu_ps(a, gelu256_of(x, y));
+            _mm256_storeu_ps(b, gelu_grad256_of(x, y, e));
         }
         whole
     }
 }
 
-/// `dst = gelu(src)` (`grad`: `dst *= gelu'(src)`), the ISA's registers over whole vectors
-/// and the scalar functions over the tail.
-pub(crate) fn gelu_map(src: &[f32], dst: &mut [f32], grad: bool) {
-    assert_eq!(src.len(), dst.len());
-    let n = src.len();
+/// `act = gelu(x)` and `buf = gelu'(x)` for `x` the values `buf` held: one pass, as the two
+/// share their erf and exp (the training forward keeps the derivative for its backward, not the
+/// pre-activation). The same values, bit for bit, as
+/// [`gelu`] and [`gelu_grad`] up to their tolerance (tests).
+pub(crate) fn gelu_split(buf: &mut [f32], act: &mut [f32]) {
+    assert_eq!(buf.len(), act.len());
     #[allow(unused_mut)]
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: each branch runs only on the ISA `isa::active` says the CPU has; loads and
-    // stores stay below n.
+    // SAFETY: each branch runs only on the ISA `isa::active` says the CPU has; the vector loops
+    // stay below the slices' length.
     unsafe {
         match super::isa::active() {
-            super::isa::Isa::Avx512 => done = simd::map512(src, dst, grad),
-            super::isa::Isa::Avx2 => done = simd::map256(src, dst, grad),
+            super::isa::Isa::Avx512 => done = simd::split512(buf, act),
+            super::isa::Isa::Avx2 => done = simd::split256(buf, act),
             super::isa::Isa::Baseline => {}
         }
     }
-    for i in done..n {
-        dst[i] = if grad {
-            dst[i] * gelu_grad(src[i])
-        } else {
-            gelu(src[i])
-        };
+    for (x, a) in buf[done..].iter_mut().zip(&mut act[done..]) {
+        *a = gelu(*x);
+        *x = gelu_grad(*x);
     }
 }
 
@@ -434,7 +435,7 @@ mod tests {
         2.0 * g / z - 1.0
     }
 
-    /// The register versions (GEMM epilogue) against the scalar one, for every ISA this CPU has,
+    /// The register versions (GEMM epilogue, training's split) against the scalar ones, for every ISA this CPU has,
     /// whichever the process runs: negative, tiny, large and saturating inputs.
     #[cfg(target_arch = "x86_64")]
     #[test]
@@ -466,10 +467,10 @@ mod tests {
                 // SAFETY: AVX-512 checked above.
                 unsafe { _mm512_storeu_ps(out.as_mut_ptr(), simd::gelu512(_mm512_set1_ps(x))) };
                 check(x, out[0]);
-                unsafe {
-                    _mm512_storeu_ps(out.as_mut_ptr(), simd::gelu_grad512(_mm512_set1_ps(x)))
-                };
-                check_grad(x, out[0]);
+                let (mut buf, mut act) = ([x; 16], [0f32; 16]);
+                assert_eq!(unsafe { simd::split512(&mut buf, &mut act) }, 16);
+                check(x, act[0]);
+                check_grad(x, buf[0]);
             }
         }
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
@@ -478,10 +479,10 @@ mod tests {
                 // SAFETY: AVX2 and FMA checked above.
                 unsafe { _mm256_storeu_ps(out.as_mut_ptr(), simd::gelu256(_mm256_set1_ps(x))) };
                 check(x, out[0]);
-                unsafe {
-                    _mm256_storeu_ps(out.as_mut_ptr(), simd::gelu_grad256(_mm256_set1_ps(x)))
-                };
-                check_grad(x, out[0]);
+                let (mut buf, mut act) = ([x; 8], [0f32; 8]);
+                assert_eq!(unsafe { simd::split256(&mut buf, &mut act) }, 8);
+                check(x, act[0]);
+                check_grad(x, buf[0]);
             }
         }
     }

@@ -5,7 +5,7 @@
 
 use super::super::cpu::{scores_ld, softmax_cols, Norm};
 use super::super::gemm::{gemm_serial, gemm_strided, gemm_strided_t, Epilogue, PackedB};
-use super::super::kernels::gelu_map;
+use super::super::kernels::gelu_split;
 use super::dropout::{drop_apply_cols, p_max_t, prob_index, probs_back_cols, site_of, Site};
 use super::{GroupSaved, LnSaved, Packing, Step};
 
@@ -162,11 +162,10 @@ impl Step<'_> {
                 norm_saving(&layer.attn_norm, mid, res, &mut ls.ln1);
                 // Feed-forward, dropout, residual, LayerNorm.
                 let wide = layer.inter.w.n();
-                let h_pre = fit(&mut ls.h_pre, rows * wide);
+                let pre = fit(&mut ls.gelu_grad, rows * wide);
                 let d = &layer.inter;
-                gemm_serial(mid, hd, rows, &d.w, h_pre, wide, Epilogue::Bias(&d.b));
-                let act = fit(act, rows * wide);
-                gelu_map(h_pre, act, false);
+                gemm_serial(mid, hd, rows, &d.w, pre, wide, Epilogue::Bias(&d.b));
+                gelu_split(pre, fit(act, rows * wide));
                 let o = fit(out, rows * hd);
                 let d = &layer.out;
                 gemm_serial(act, wide, rows, &d.w, o, hd, Epilogue::Bias(&d.b));
@@ -225,7 +224,9 @@ impl Step<'_> {
                 let wide = lb.out.n();
                 let dh = fit(dh, rows * wide);
                 gemm_serial(dx, hd, rows, &lb.out, dh, wide, Epilogue::None);
-                gelu_map(&ls.h_pre, dh, true);
+                for (d, g) in dh.iter_mut().zip(&ls.gelu_grad) {
+                    *d *= g;
+                }
                 let tmp = fit(tmp, rows * hd);
                 gemm_serial(dh, wide, rows, &lb.inter, tmp, hd, Epilogue::None);
                 for (a, t) in d_mid.iter_mut().zip(tmp.iter()) {
