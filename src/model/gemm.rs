@@ -146,10 +146,8 @@ pub fn gemm(a: &[f32], m: usize, b: &PackedB, c: &mut Vec<f32>, epilogue: Epilog
     if let Some(bias) = epilogue.bias() {
         assert_eq!(bias.len(), n, "gemm: bias is not {n} long");
     }
-    c.clear();
-    c.reserve(m * n);
-    // SAFETY: every element below m·n is written by the tiles (each row block covers all panels).
-    unsafe { c.set_len(m * n) };
+    // Every element is overwritten below; only growth costs a fill (the callers reuse `c`).
+    c.resize(m * n, 0.0);
     if m == 0 || n == 0 {
         return;
     }

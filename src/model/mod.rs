@@ -47,7 +47,7 @@ pub enum ModelError {
         path: PathBuf,
         name: String,
         #[source]
-        source: candle_core::Error,
+        source: Box<candle_core::Error>,
     },
     #[error(
         "{path}: this checkpoint has no pooler weights ({name}); PEFT classifier heads read \
@@ -58,8 +58,16 @@ pub enum ModelError {
     Device(String),
     #[error("invalid batch: {0}")]
     Batch(String),
+    /// (Boxed, as in `Weight`: a candle error is ~128 bytes, and every `Result` of the model and
+    /// the engine would carry that much.)
     #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    Candle(Box<candle_core::Error>),
+}
+
+impl From<candle_core::Error> for ModelError {
+    fn from(e: candle_core::Error) -> Self {
+        Self::Candle(Box::new(e))
+    }
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;

@@ -55,7 +55,7 @@ impl Weights {
             .map_err(|source| ModelError::Weight {
                 path: self.path.clone(),
                 name: name.to_string(),
-                source,
+                source: Box::new(source),
             })
     }
 
