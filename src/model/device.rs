@@ -151,6 +151,15 @@ pub fn describe(device: &Device) -> String {
     }
 }
 
+/// `cpu` or `cuda:N`, as `--device` spells it.
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,14 +186,5 @@ mod tests {
         assert!(err.contains("--device cuda:0"), "{err}");
         assert!(err.contains("--device cpu"), "{err}");
         assert!(matches!(DeviceSpec::Auto.open(), Ok(Device::Cpu)));
-    }
-}
-
-/// `cpu` or `cuda:N`, as `--device` spells it.
-pub fn device_name(device: &Device) -> String {
-    match device.location() {
-        candle_core::DeviceLocation::Cpu => "cpu".into(),
-        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-        other => format!("{other:?}").to_lowercase(),
     }
 }

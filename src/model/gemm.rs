@@ -15,6 +15,7 @@
 //!   see `x86.rs`);
 //! - the two cores split row blocks, or, when there are too few rows (a single short request),
 //!   column panels.
+//!
 //! Results are f32 with FMA accumulation in k order: they differ from other BLASes only by
 //! rounding (parity with PEFT is unchanged, and tested).
 

@@ -151,7 +151,6 @@ pub(crate) mod simd {
     }
 
     /// d/dx GELU = Φ(x) + x·φ(x); Φ(x) = 1 − y/2 for x ≥ 0, y/2 below; φ(x) = e/√(2π).
-
     #[inline(always)]
     unsafe fn gelu_grad512_of(x: __m512, y: __m512, e: __m512) -> __m512 {
         let half = _mm512_mul_ps(_mm512_set1_ps(0.5), y);

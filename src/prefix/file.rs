@@ -151,7 +151,7 @@ impl PrefixFile {
             });
         }
         check_labels(&m.labels)?;
-        if base.heads == 0 || base.hidden % base.heads != 0 {
+        if base.heads == 0 || !base.hidden.is_multiple_of(base.heads) {
             return Err(PrefixError::BadMetadata(format!(
                 "hidden {} is not divisible by {} heads",
                 base.hidden, base.heads

@@ -129,7 +129,7 @@ pub fn train(
             seen += batch.len();
             window_loss += loss * batch.len() as f64;
             window_n += batch.len();
-            if cfg.log_every > 0 && (t % cfg.log_every == 0 || t == total) {
+            if cfg.log_every > 0 && (t.is_multiple_of(cfg.log_every) || t == total) {
                 let entry = StepLog {
                     step: t,
                     epoch,

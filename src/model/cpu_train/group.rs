@@ -89,9 +89,13 @@ impl Step<'_> {
                         batch.positions[t] as usize,
                     );
                     let row = &mut x_rows[(pack.starts[k] + j) * hd..][..hd];
-                    for i in 0..hd {
-                        row[i] = (host.word[w * hd + i] + host.token_type[ty * hd + i])
-                            + host.position[q * hd + i];
+                    let (w, ty, q) = (
+                        &host.word[w * hd..][..hd],
+                        &host.token_type[ty * hd..][..hd],
+                        &host.position[q * hd..][..hd],
+                    );
+                    for (i, v) in row.iter_mut().enumerate() {
+                        *v = (w[i] + ty[i]) + q[i];
                     }
                 }
             }

@@ -26,7 +26,9 @@ use ops::{AttnDims, Prefixes};
 /// divisible by 8, and a row-per-warp kernel holds at most 1024 values. (Every BERT checkpoint
 /// in use qualifies; the others run candle's op-by-op path in f32.)
 pub(crate) fn supports(c: &super::BertConfig) -> bool {
-    c.head_dim() % 8 == 0 && c.intermediate_size % 8 == 0 && c.hidden_size <= max_keys()
+    c.head_dim().is_multiple_of(8)
+        && c.intermediate_size.is_multiple_of(8)
+        && c.hidden_size <= max_keys()
 }
 
 /// Most keys (P + S) one attention row may have on the CUDA path.
