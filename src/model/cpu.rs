@@ -471,7 +471,12 @@ impl HostBert {
 
 /// `cls[i] = x[starts[i]]`: each row's first token, its rows starting at `starts` (tokens of `hd`
 /// values).
-fn gather_cls(x: &[f32], hd: usize, starts: impl Iterator<Item = usize>, cls: &mut [f32]) {
+pub(crate) fn gather_cls(
+    x: &[f32],
+    hd: usize,
+    starts: impl Iterator<Item = usize>,
+    cls: &mut [f32],
+) {
     for (out, start) in cls.chunks_exact_mut(hd).zip(starts) {
         out.copy_from_slice(&x[start * hd..(start + 1) * hd]);
     }

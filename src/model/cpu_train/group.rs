@@ -3,7 +3,7 @@
 //! Rows are packed without their padding (`Packing`); dropout indices still count positions as
 //! in the padded batch, so the masks do not depend on how the batch was grouped.
 
-use super::super::cpu::{scores_ld, softmax_cols, Norm};
+use super::super::cpu::{gather_cls, scores_ld, softmax_cols, Norm};
 use super::super::gemm::{gemm_serial, gemm_strided, gemm_strided_t, Epilogue, PackedB};
 use super::super::kernels::gelu_split;
 use super::dropout::{drop_apply_cols, p_max_t, prob_index, probs_back_cols, site_of, Site};
@@ -155,10 +155,7 @@ impl Step<'_> {
                 self.drop_rows(self.drop.site(site_of(l, 1)), mid, pack, last);
                 let res: &[f32] = if last {
                     let res = fit(resid, rows * hd);
-                    for (k, dst) in res.chunks_exact_mut(hd).enumerate() {
-                        let s = pack.starts[k];
-                        dst.copy_from_slice(&x[s * hd..(s + 1) * hd]);
-                    }
+                    gather_cls(x, hd, pack.starts.iter().copied(), res);
                     res
                 } else {
                     x
@@ -178,10 +175,7 @@ impl Step<'_> {
                 std::mem::swap(x, out);
             }
             if nl == 0 {
-                for (k, dst) in cls.chunks_exact_mut(hd).enumerate() {
-                    let s = pack.starts[k];
-                    dst.copy_from_slice(&x[s * hd..(s + 1) * hd]);
-                }
+                gather_cls(x, hd, pack.starts.iter().copied(), cls);
             } else {
                 cls.copy_from_slice(&x[..cls.len()]);
             }
