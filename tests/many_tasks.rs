@@ -132,11 +132,18 @@ fn a_bad_file_is_reported_once_until_it_changes() {
             + s.metric("prefixd_prefix_loads_total{origin=\"rescan\",result=\"error\"}")
     };
     let bad = dir.path().join("bad.safetensors");
-    std::fs::write(&bad, b"not a prefix file").unwrap();
+    // Each version appears whole (written aside, then renamed): a plain write is a create and a
+    // write, and a scan between the two sees an empty file — a version of its own.
+    let put = |bytes: &[u8]| {
+        let aside = dir.path().join("bad.partial");
+        std::fs::write(&aside, bytes).unwrap();
+        std::fs::rename(&aside, &bad).unwrap();
+    };
+    put(b"not a prefix file");
     server.eventually("the bad file counted", |s| errors(s) >= 1.0);
     std::thread::sleep(std::time::Duration::from_millis(1500)); // seven rescans
     assert_eq!(errors(&server), 1.0);
-    std::fs::write(&bad, b"still not a prefix file, but another one").unwrap();
+    put(b"still not a prefix file, but another one");
     server.eventually("the changed file counted", |s| errors(s) >= 2.0);
     std::thread::sleep(std::time::Duration::from_millis(1000));
     assert_eq!(errors(&server), 2.0);
