@@ -129,14 +129,14 @@ impl Norm {
             let (r0, r1) = (chunk * ROWS, ((chunk + 1) * ROWS).min(rows));
             // SAFETY: chunk i owns rows r0..r1 of x, inside its length.
             let xs = unsafe { std::slice::from_raw_parts_mut(xp.at(r0 * n), (r1 - r0) * n) };
-            for (i, row) in xs.chunks_exact_mut(n).enumerate() {
-                let a = if add.is_empty() {
-                    &[][..]
+            self.rows(
+                xs,
+                if add.is_empty() {
+                    add
                 } else {
-                    &add[(r0 + i) * n..(r0 + i + 1) * n]
-                };
-                norm_row(row, a, &self.g, &self.b, self.eps);
-            }
+                    &add[r0 * n..r1 * n]
+                },
+            );
         });
     }
 
@@ -154,19 +154,28 @@ impl Norm {
     }
 }
 
-/// A buffer the parallel items of one region write, each its own disjoint part.
-#[derive(Clone, Copy)]
-pub(crate) struct CtxPtr(*mut f32);
-// SAFETY: every user hands each item a disjoint part (rows, or a head's columns of a row).
-unsafe impl Send for CtxPtr {}
-unsafe impl Sync for CtxPtr {}
+/// A buffer the parallel items of one region write, each its own disjoint part (floats, or
+/// training's groups).
+pub(crate) struct CtxPtr<T = f32>(*mut T);
+// SAFETY: every user hands each item a disjoint part (rows, a head's columns of a row, a group).
+unsafe impl<T> Send for CtxPtr<T> {}
+unsafe impl<T> Sync for CtxPtr<T> {}
 
-impl CtxPtr {
-    pub(crate) fn new(p: *mut f32) -> Self {
+// (By hand: a derive would require `T: Copy`.)
+impl<T> Clone for CtxPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for CtxPtr<T> {}
+
+impl<T> CtxPtr<T> {
+    pub(crate) fn new(p: *mut T) -> Self {
         Self(p)
     }
 
-    pub(crate) fn at(&self, offset: usize) -> *mut f32 {
+    // A method, not a field access: a closure would capture the bare (non-Sync) pointer field.
+    pub(crate) fn at(&self, offset: usize) -> *mut T {
         self.0.wrapping_add(offset)
     }
 }

@@ -35,8 +35,8 @@ use std::sync::{Arc, Mutex};
 pub(crate) struct Backward {
     pub layers: Vec<LayerBack>,
     pub pooler: PackedB,
-    /// What one step's backward has finished with, for the next forward to fill again: ~30 MB
-    /// per layer at 32 × 64, which fresh from the allocator cost page faults on every step.
+    /// What one step's backward has finished with, for the next forward to fill again (a group
+    /// of 128 tokens keeps ~14 MB over MiniLM's 6 layers), which fresh from the allocator cost page faults on every step.
     pub spare: Mutex<Vec<GroupSaved>>,
 }
 
@@ -163,20 +163,6 @@ fn token_groups(lens: &[usize], seq: usize, threads: usize) -> Vec<Range<usize>>
     groups
 }
 
-/// Per-item access to a slice of groups from the pool's items.
-#[derive(Clone, Copy)]
-struct GroupsPtr(*mut GroupSaved);
-// SAFETY: each pool item touches only its own group.
-unsafe impl Send for GroupsPtr {}
-unsafe impl Sync for GroupsPtr {}
-
-impl GroupsPtr {
-    // A method, not a field access: a closure would capture the bare (non-Sync) pointer field.
-    fn at(&self, i: usize) -> *mut GroupSaved {
-        self.0.wrapping_add(i)
-    }
-}
-
 /// The whole training encoder as one candle op on the prefix `[L, 2, H, P, D]`: candle's autograd
 /// sees prefix → pooled `[B, Hd]`, and its backward is [`EncoderTrain::backward`]. What the
 /// forward keeps for the backward lives in the op, which the autograd graph holds until the
@@ -224,7 +210,7 @@ impl EncoderTrain {
                 .collect();
         let mut cls = vec![0f32; b * hd];
         let (gp, cp) = (
-            GroupsPtr(groups.as_mut_ptr()),
+            CtxPtr::new(groups.as_mut_ptr()),
             CtxPtr::new(cls.as_mut_ptr()),
         );
         pool::for_each(groups.len(), |i| {
@@ -259,7 +245,7 @@ impl EncoderTrain {
         let mut d_cls = Vec::new();
         gemm(&dz, b, &self.back.pooler, &mut d_cls, Epilogue::None);
         let mut groups = saved.groups;
-        let gp = GroupsPtr(groups.as_mut_ptr());
+        let gp = CtxPtr::new(groups.as_mut_ptr());
         pool::for_each(groups.len(), |i| {
             // SAFETY: item i owns group i.
             let g = unsafe { &mut *gp.at(i) };

@@ -264,8 +264,8 @@ pub(crate) mod simd {
 
 /// `act = gelu(x)` and `buf = gelu'(x)` for `x` the values `buf` held: one pass, as the two
 /// share their erf and exp (the training forward keeps the derivative for its backward, not the
-/// pre-activation). The same values, bit for bit, as
-/// [`gelu`] and [`gelu_grad`] up to their tolerance (tests).
+/// pre-activation). The vector lanes are those of the GEMM epilogue's GELU; the scalar tail is
+/// [`gelu`] and [`gelu_grad`] (the tests hold both to the scalar functions).
 pub(crate) fn gelu_split(buf: &mut [f32], act: &mut [f32]) {
     assert_eq!(buf.len(), act.len());
     #[allow(unused_mut)]

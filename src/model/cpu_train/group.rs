@@ -237,9 +237,20 @@ impl Step<'_> {
                 self.drop_rows(self.drop.site(site_of(l, 1)), d_mid, pack, last);
                 let d_ctx = fit(d_ctx, rows * hd);
                 gemm_serial(d_mid, hd, rows, &lb.attn_out, d_ctx, hd, Epilogue::None);
-                // Attention, per (row, head). Zeroed first: in the last layer only the first
-                // query of each row gets gradient.
-                let d_qkv = zeros(d_qkv, n * 3 * hd);
+                // Attention, per (row, head). It writes every token's key and value columns and
+                // each query's columns (the last layer: a row's first query only); zero just what
+                // it leaves, not the whole block per layer.
+                let d_qkv = fit(d_qkv, n * 3 * hd);
+                for (k, r) in pack.rows.clone().enumerate() {
+                    let tokens = &mut d_qkv[pack.starts[k] * 3 * hd..pack.starts[k + 1] * 3 * hd];
+                    if self.batch.lens[r] == 0 {
+                        tokens.fill(0.0);
+                    } else if last {
+                        for t in tokens.chunks_exact_mut(3 * hd).skip(1) {
+                            t[..hd].fill(0.0);
+                        }
+                    }
+                }
                 for (k, r) in pack.rows.clone().enumerate() {
                     let len = self.batch.lens[r];
                     let (queries, in_row) = if last {
