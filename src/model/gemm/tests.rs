@@ -80,6 +80,8 @@ fn matches_a_float64_reference_at_odd_and_model_shapes() {
         (13, 384, 33),
         (14, 384, 1152),
         (97, 50, 70),
+        (18, 7, 40),
+        (12, 13, 16),
         (200, 64, 384),
     ] {
         let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
