@@ -161,6 +161,7 @@ unsafe fn accumulate_x32<const R: usize, const AT: bool>(
 }
 
 /// One k step of [`loop_12x32`], `$s` steps (0–3) past the pointers (as [`step6x16`]).
+#[rustfmt::skip]
 macro_rules! step12x32 {
     ($s:literal) => {
         concat!(
@@ -332,6 +333,7 @@ unsafe fn loop_12x32(
 
 /// One k step of [`loop_6x16`], `$s` steps (0–3) past the pointers: B's row at `64·$s` bytes,
 /// A's column at `4·$s`, the prefetches as far ahead.
+#[rustfmt::skip]
 macro_rules! step6x16 {
     ($s:literal) => {
         concat!(
