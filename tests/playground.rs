@@ -8,9 +8,10 @@ mod common;
 use common::server::Server;
 use fantoccini::{ClientBuilder, Locator};
 use serde_json::json;
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn which(name: &str, var: &str) -> PathBuf {
     let path = std::env::var_os(var)
@@ -28,26 +29,37 @@ fn which(name: &str, var: &str) -> PathBuf {
 struct Driver(Child, u16);
 
 impl Driver {
+    /// With `--port=0` chromedriver binds a free port itself and prints it. (Picking a free port
+    /// here and passing it on leaves a window in which another process can take it, and a
+    /// connect that succeeds may then reach that process.)
     fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(which("chromedriver", "PREFIXD_CHROMEDRIVER"))
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
+        let mut child = Command::new(which("chromedriver", "PREFIXD_CHROMEDRIVER"))
+            .arg("--port=0")
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .expect("chromedriver starts");
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "chromedriver did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Reads the port, then drains the rest so chromedriver never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(port) = line
+                    .split("started successfully on port ")
+                    .nth(1)
+                    .and_then(|rest| rest.trim_end_matches('.').parse::<u16>().ok())
+                {
+                    let _ = tx.send(port);
+                }
+            }
+        });
+        let port = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(port) => port,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("chromedriver did not say which port it listens on within 20 s");
+            }
+        };
         Self(child, port)
     }
 }
