@@ -74,7 +74,7 @@ fn the_tiny_model_serves() {
 }
 
 /// 1. Connections that send nothing, or headers slowly, are closed; kept-alive connections that
-/// go idle too; and past the cap new clients wait rather than exhaust file descriptors.
+///    go idle too; and past the cap new clients wait rather than exhaust file descriptors.
 #[test]
 fn f01_idle_and_slow_connections_close_and_the_cap_holds() {
     let (_dir, server) = start(&["--header-timeout", "1", "--max-connections", "2"]);
@@ -142,7 +142,7 @@ fn raw_put(
 }
 
 /// 2. Admin bodies are not read before the token is checked (nor with admin disabled); uploads
-/// at once are bounded; a wrong token still reaches a client that sends a small body.
+///    at once are bounded; a wrong token still reaches a client that sends a small body.
 #[test]
 fn f02_uploads_are_authorized_before_their_bodies_are_read() {
     let (_dir, server) = start(&[
@@ -272,7 +272,7 @@ fn f03_f07_fifos_and_huge_files_in_the_folder_are_skipped_unread() {
 }
 
 /// 4. A slow but steady upload succeeds; a body that stops is a 408, never a parse of half a body
-/// (nor a 200 for a classify body shorter than its Content-Length).
+///    (nor a 200 for a classify body shorter than its Content-Length).
 #[test]
 fn f04_slow_bodies_complete_and_stalled_bodies_get_408() {
     let (_dir, server) = start(&["--body-idle-timeout", "1"]);
@@ -321,7 +321,7 @@ fn f04_slow_bodies_complete_and_stalled_bodies_get_408() {
 }
 
 /// 6. SIGTERM: readiness fails first while requests are still served for the drain delay; then
-/// the listener closes and the process exits 0.
+///    the listener closes and the process exits 0.
 #[test]
 fn f06_readiness_fails_first_then_the_listener_closes() {
     let (_dir, server) = start(&["--drain-delay", "2", "--shutdown-timeout", "5"]);
@@ -484,7 +484,7 @@ fn f12_pair_items_refuse_unknown_fields() {
 }
 
 /// 15. A full disk is 507 `insufficient_storage`, names no server path, and changes nothing.
-/// (The file-size limit makes the write fail as a full disk would.)
+///     (The file-size limit makes the write fail as a full disk would.)
 #[test]
 fn f15_a_full_disk_is_507_without_paths() {
     let dir = folder();

@@ -10,7 +10,7 @@ use prefixd::engine::TextInput;
 use prefixd::prefix::peft;
 use prefixd::training::data::{self, Columns, LabelSpec};
 use prefixd::training::{gradient_norms, train, Quiet, TrainConfig};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 fn data_dir() -> PathBuf {
     common::fixtures_dir().join("../../data")
@@ -32,7 +32,7 @@ fn sst2_head(split: &str, n: usize) -> (tempfile::TempDir, PathBuf) {
     (dir, path)
 }
 
-fn load(path: &PathBuf) -> data::Dataset {
+fn load(path: &Path) -> data::Dataset {
     data::load(path, &Columns::default(), &LabelSpec::Discover, false).unwrap()
 }
 

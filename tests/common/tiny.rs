@@ -42,6 +42,9 @@ fn vocab() -> Vec<String> {
     v
 }
 
+/// Adds one random tensor: name, shape, spread, mean.
+type Put<'a> = dyn FnMut(String, &[usize], f32, f32) + 'a;
+
 /// Writes a tiny BERT into `dir`. `vocab_size` below the tokenizer's makes a model whose
 /// tokenizer is not its own (for the "ids past the vocabulary" checks); `None` matches it.
 pub fn write_model(dir: &Path, vocab_size: Option<usize>, seed: u64) {
@@ -89,7 +92,7 @@ pub fn write_model(dir: &Path, vocab_size: Option<usize>, seed: u64) {
         0.5,
         0.0,
     );
-    let ln = |put: &mut dyn FnMut(String, &[usize], f32, f32), p: &str| {
+    let ln = |put: &mut Put<'_>, p: &str| {
         put(format!("{p}.weight"), &[h], 0.1, 1.0);
         put(format!("{p}.bias"), &[h], 0.1, 0.0);
     };

@@ -129,6 +129,8 @@ impl Registry {
 }
 
 /// A slot read under the lock, finished (hashed, for a cold one) after it is released.
+// A short-lived value on the stack, one at a time: boxing `Loaded` would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 enum View {
     Ready(Loaded),
     Cold(Arc<Cold>, SystemTime),
