@@ -11,8 +11,8 @@
 //! - the tile's epilogue adds the bias and applies GELU before the store (`Epilogue`), so dense
 //!   layers need no separate passes for them;
 //! - a micro-kernel keeps an MR × NR tile of C in registers over the whole k loop: 6 × 16 with
-//!   AVX2 + FMA (12 ymm accumulators), 12 × 32 with AVX-512 (24 zmm; its k loop is assembly,
-//!   see `x86.rs`);
+//!   AVX2 + FMA (12 ymm accumulators), 12 × 32 with AVX-512 (24 zmm); the full tiles' k loops
+//!   are assembly, four k steps a pass (see `x86.rs`);
 //! - the two cores split row blocks, or, when there are too few rows (a single short request),
 //!   column panels.
 //!

@@ -212,10 +212,11 @@ macro_rules! step12x32 {
 
 /// The 12 × 32 AVX-512 tile's k loop (A read in place, not transposed), in assembly: A's 12 rows
 /// are addressed from three pointers with `lda` and `3·lda` as scaled indices, so a k step is 24
-/// FMAs, 14 loads, 3 prefetches (B ahead; one line of `next` into L2) and 5 pointer increments.
-/// LLVM, given the same loop in intrinsics, computed each row's address with a chain of adds per
-/// step, ~13 extra integer µops that compete with the FMAs for ports 0 and 5 (`--kernels`: the
-/// assembly is 5–15% faster per shape).
+/// FMAs, 14 loads and 3 prefetches (B ahead; one line of `next` into L2); the five pointers and
+/// the counter move once per four steps (see [`loop_6x16`]). LLVM, given the same loop in
+/// intrinsics, computed each row's address with a chain of adds per step, ~13 extra integer µops
+/// that compete with the FMAs for ports 0 and 5 (`--kernels`: the assembly is 5–15% faster per
+/// shape; unrolling it by four added 1–3%).
 ///
 /// # Safety
 /// As [`kernel_x32`]: `a` holds 12 rows of `k` floats, `lda` apart; `b` a `k` × 32 panel; `next`
@@ -364,9 +365,11 @@ macro_rules! step6x16 {
 }
 
 /// The 6 × 16 AVX2 tile's k loop (A read in place), in assembly like [`loop_12x32`]: rows 0–2
-/// and 3–5 from two pointers with `lda` as a scaled index, 5 integer µops a k step where LLVM's
-/// loop had 7 (row addresses by `lea`/`add` chains). Small but steady: `--kernels` +0–3% per
-/// shape, whole forward +2% (32 × 64, 3 of 4 alternating runs; 8 × 16, 4 of 4).
+/// and 3–5 from two pointers with `lda` as a scaled index. Four k steps a pass: the pointers and
+/// the counter move once per pass and immediate offsets address the steps between, 1.25 integer
+/// µops a step where the one-step loop had 5 (and LLVM's intrinsics 7). On Intel cores the
+/// integer ALUs share ports 0 and 1 with the 256-bit FMAs, so these µops took FMA slots:
+/// unrolled, `--kernels` +3–6% per shape (93–95% of `fma_peak`), the AVX2 forward +6–7%.
 ///
 /// # Safety
 /// As [`kernel_x16`]: `a` holds 6 rows of `k` floats, `lda` apart; `b` a `k` × 16 panel; `next`
