@@ -8,7 +8,9 @@ Counts, all of which must be 0:
   lost   a request with no HTTP answer (connection error, timeout)
   5xx    any 5xx answer except 503 during the final drain
 Reported but expected: 429 (the queue is full: that is what 2x capacity means), 404 (a churned
-task deleted just then). RSS is sampled every 10 s and must stay flat.
+task deleted just then), client_saturated (due requests the client did not send because it
+already had MAX_IN_FLIGHT outstanding: it shares the cores with the server). RSS is sampled every
+10 s and must stay flat.
 
     python3 bench/soak.py --bin target/release/prefixd --model models/all-minilm-l6-v2 --minutes 10
 """
@@ -34,6 +36,10 @@ SENTENCES = [
     "I loved every minute of it, and I would watch it again with friends on a rainy sunday",
 ]
 TOKEN = "soak-token"
+# Requests the open-loop client keeps outstanding at most (see `open_loop`).
+MAX_IN_FLIGHT = 256
+# The server's queue bound in rows (--max-queue-rows).
+QUEUE_ROWS = 256
 
 
 class Counters:
@@ -91,7 +97,10 @@ def main():
 
     server = subprocess.Popen(
         [args.bin, "serve", "--model", args.model, "--prefixes", prefixes, "--addr", "127.0.0.1:0",
-         "--admin-token", TOKEN, "--max-length", "128"],
+         "--admin-token", TOKEN, "--max-length", "128",
+         # Below what MAX_IN_FLIGHT requests of 1-4 rows can queue, so overload still reaches
+         # the admission path (429) with a bounded client.
+         "--max-queue-rows", str(QUEUE_ROWS)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     addr = None
     for line in server.stdout:
@@ -141,6 +150,19 @@ def main():
     target = 2 * capacity
     print(f"[soak] capacity ~{capacity:.1f} req/s; offering {target:.1f} req/s for {args.minutes} min", flush=True)
 
+    # The client shares the 2 cores with a saturated server, so it can fall behind: each due
+    # request then waits longer, and a thread per request piled up into thousands until Python
+    # could start no more (MemoryError) and the generator died. In-flight requests are bounded:
+    # a request due while MAX_IN_FLIGHT are outstanding is not sent and counted
+    # `client_saturated`, so the summary says how much of the offered load was really sent.
+    in_flight = threading.BoundedSemaphore(MAX_IN_FLIGHT)
+
+    def send(task):
+        try:
+            classify_once(task)
+        finally:
+            in_flight.release()
+
     def open_loop():
         # Each worker fires at its share of the target rate, without waiting for answers.
         workers = 32
@@ -150,7 +172,14 @@ def main():
             while not stop.is_set():
                 nxt += interval
                 task = random.choice(stable + churn)
-                threading.Thread(target=classify_once, args=(task,), daemon=True).start()
+                if in_flight.acquire(blocking=False):
+                    try:
+                        threading.Thread(target=send, args=(task,), daemon=True).start()
+                    except RuntimeError:
+                        in_flight.release()
+                        counters.add("client_saturated")
+                else:
+                    counters.add("client_saturated")
                 time.sleep(max(0.0, nxt - time.time()))
         return [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
 
@@ -185,6 +214,11 @@ def main():
                 counters.add("lost")
             time.sleep(random.uniform(0.1, 0.4))
 
+    def answered():
+        with counters.lock:
+            return sum(v for k, v in counters.c.items() if k.startswith("status_") or k == "lost")
+
+    answered_before = answered()
     rss = []
     threads = open_loop() + [threading.Thread(target=writer, daemon=True)]
     [t.start() for t in threads]
@@ -206,6 +240,7 @@ def main():
     late = sum(r for _, r in rss[half:]) / max(1, len(rss[half:]))
     summary = {
         "minutes": args.minutes, "capacity_req_per_s": capacity, "offered_req_per_s": target,
+        "sent_req_per_s": round((answered() - answered_before) / (args.minutes * 60), 1),
         "counts": dict(sorted(counters.c.items())), "wrong": counters.c.get("wrong", 0),
         "lost": counters.c.get("lost", 0), "5xx": counters.c.get("5xx", 0),
         "versions_seen": len(versions), "unknown_versions": sorted(unknown),
