@@ -36,7 +36,8 @@ pub(crate) struct Backward {
     pub layers: Vec<LayerBack>,
     pub pooler: PackedB,
     /// What one step's backward has finished with, for the next forward to fill again (a group
-    /// of 128 tokens keeps ~14 MB over MiniLM's 6 layers), which fresh from the allocator cost page faults on every step.
+    /// of 128 tokens keeps ~14 MB over MiniLM's 6 layers): fresh from the allocator, that memory
+    /// cost page faults on every step.
     pub spare: Mutex<Vec<GroupSaved>>,
 }
 

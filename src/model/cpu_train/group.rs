@@ -238,21 +238,19 @@ impl Step<'_> {
                 let d_ctx = fit(d_ctx, rows * hd);
                 gemm_serial(d_mid, hd, rows, &lb.attn_out, d_ctx, hd, Epilogue::None);
                 // Attention, per (row, head). It writes every token's key and value columns and
-                // each query's columns (the last layer: a row's first query only); zero just what
-                // it leaves, not the whole block per layer.
+                // each query's columns (the last layer: a row's first query only); each row
+                // zeroes just what it leaves, not the whole block per layer.
                 let d_qkv = fit(d_qkv, n * 3 * hd);
                 for (k, r) in pack.rows.clone().enumerate() {
+                    let len = self.batch.lens[r];
                     let tokens = &mut d_qkv[pack.starts[k] * 3 * hd..pack.starts[k + 1] * 3 * hd];
-                    if self.batch.lens[r] == 0 {
+                    if len == 0 {
                         tokens.fill(0.0);
                     } else if last {
                         for t in tokens.chunks_exact_mut(3 * hd).skip(1) {
                             t[..hd].fill(0.0);
                         }
                     }
-                }
-                for (k, r) in pack.rows.clone().enumerate() {
-                    let len = self.batch.lens[r];
                     let (queries, in_row) = if last {
                         (len.min(1), k)
                     } else {
