@@ -7,11 +7,13 @@ tokenizer.json in .gpu/model/. The real weights do not travel, so a MiniLM-shape
 weights is made here with PyTorch; PEFT prefix adapters are made on it too, and PEFT's own logits
 on this GPU are the parity reference. Everything else is timing, both engines in this one run.
 
-    python3 scripts/gpu_check.py OUT_DIR [--device cuda|cpu] [--quick]
+    python3 scripts/gpu_check.py OUT_DIR [--device cuda|cpu] [--quick] [--focus]
 
 --device cpu runs the same steps on the CPU with tiny shapes: the dry run that checks this script
 on a machine without a GPU. Prints one JSON report (also written to OUT_DIR/gpu-check.json) and a
-short table. A failing step is recorded under "errors" and the rest still runs.
+short table. A failing step is recorded under "errors" and the rest still runs. --focus runs only
+what concerns half precision and training (the attention kernel alone, parity, half-precision
+throughput, training speed and its kernel profile): a shorter run while working on those.
 """
 import argparse
 import json
@@ -105,8 +107,10 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--quick", action="store_true", help="tiny shapes and short timings")
+    ap.add_argument("--focus", action="store_true", help="half precision and training only")
     args = ap.parse_args()
     quick = args.quick or args.device == "cpu"
+    focus = args.focus
     os.makedirs(args.out, exist_ok=True)
     shutil.rmtree(WORK, ignore_errors=True)
     os.makedirs(WORK)
@@ -222,10 +226,12 @@ def main():
 
     parity = {}
     if ref:
+        # Half precision runs the tensor-core attention kernel by default; PREFIXD_ATTENTION=matmul
+        # is the batched-matmul path it replaced.
         for label, kw in [("f32_fused", {}), ("f32_reference_path", {"extra_env": {"PREFIXD_REFERENCE_PATH": "1"}}),
                           ("bf16", {"dtype": "bf16"}), ("f16", {"dtype": "f16"}),
-                          ("bf16_attention_kernel", {"dtype": "bf16", "extra_env": {"PREFIXD_ATTENTION": "fused"}}),
-                          ("f16_attention_kernel", {"dtype": "f16", "extra_env": {"PREFIXD_ATTENTION": "fused"}})]:
+                          ("bf16_batched_matmuls", {"dtype": "bf16", "extra_env": {"PREFIXD_ATTENTION": "matmul"}}),
+                          ("f16_batched_matmuls", {"dtype": "f16", "extra_env": {"PREFIXD_ATTENTION": "matmul"}})]:
             r = step(f"parity_{label}")(lambda kw=kw: compare(prefixd_logits(**kw)))
             if r:
                 parity[label] = r
@@ -233,11 +239,21 @@ def main():
             parity["f32_fused"]["pass_1e-4"] = parity["f32_fused"]["max_abs_logit_diff"] <= 1e-4
     report["parity_vs_peft"] = parity
 
+    # The attention kernel alone against PyTorch (scripts/gpu_attention_check.py), from the PTX
+    # that is in the binary.
+    ptx = os.path.join(REPO, ".gpu/kernels.ptx")
+    if dev == "cuda" and os.path.exists(ptx):
+        report["attention_kernel"] = step("attention_kernel")(lambda: json.loads(sh(
+            [sys.executable, os.path.join(REPO, "scripts/gpu_attention_check.py"), ptx], env,
+            timeout=120).strip().splitlines()[-1]))
+
     # Throughput, the same shapes and precisions in both engines.
     shapes = [(8, 16), (16, 32)] if quick else [(32, 64), (128, 128), (512, 128)]
     dtypes = [("f32", torch.float32), ("bf16", torch.bfloat16), ("f16", torch.float16)]
     if dev == "cpu":
         dtypes = dtypes[:1]
+    elif focus:
+        dtypes = dtypes[1:]
 
     def pbench(*extra):
         out = sh([binary, "bench", "--model", model_dir, "--seconds", str(secs), "--prefix-len", "20"]
@@ -286,7 +302,7 @@ def main():
             rows.append(row)
             print(f"[gpu-check] {row}", flush=True)
         # Batch-1 latency: tokenize + forward + argmax of one short sentence.
-        if dname in ("f32", "bf16"):
+        if dname in ("f32", "bf16") and not focus:
             p = step(f"prefixd_latency_{dname}")(lambda: pbench("--dtype", dname, "--latency"))
 
             def one(model=tmodel):
@@ -307,7 +323,7 @@ def main():
     report["throughput"] = rows
     # The fused path against candle's op-by-op chain, same binary, one shape.
     b, s = shapes[1]
-    ref_path = step("prefixd_reference_path")(lambda: sh(
+    ref_path = None if focus else step("prefixd_reference_path")(lambda: sh(
         [binary, "bench", "--model", model_dir, "--seconds", str(secs), "--batch", str(b),
          "--seq-len", str(s)] + pdev, dict(env, PREFIXD_REFERENCE_PATH="1"), timeout=240))
     if ref_path:
@@ -316,21 +332,22 @@ def main():
         report["fused_vs_op_by_op"] = {"shape": f"{b}x{s}", "op_by_op_seq_per_s": ref_sps,
                                        "fused_seq_per_s": fused and fused["prefixd_seq_per_s"]}
 
-    # The opt-in tensor-core attention kernel against the default batched-matmul attention.
+    # The tensor-core attention kernel (the half-precision default) against the batched-matmul
+    # attention it replaced, same binary.
     kernel_rows = []
-    for b, s in shapes:
-        k = step(f"prefixd_bf16_attention_kernel_{b}x{s}")(lambda b=b, s=s: json.loads(sh(
+    for b, s in shapes if dev == "cuda" else []:
+        k = step(f"prefixd_bf16_batched_matmuls_{b}x{s}")(lambda b=b, s=s: json.loads(sh(
             [binary, "bench", "--model", model_dir, "--seconds", str(secs), "--batch", str(b), "--seq-len",
-             str(s), "--dtype", "bf16"] + pdev, dict(env, PREFIXD_ATTENTION="fused"), timeout=240).strip().splitlines()[-1]))
+             str(s), "--dtype", "bf16"] + pdev, dict(env, PREFIXD_ATTENTION="matmul"), timeout=240).strip().splitlines()[-1]))
         default = next((r for r in rows if r["dtype"] == "bf16" and (r["batch"], r["seq_len"]) == (b, s)), None)
-        kernel_rows.append({"shape": f"{b}x{s}", "attention_kernel_seq_per_s": k and k["seq_per_s"],
-                            "batched_matmuls_seq_per_s": default and default["prefixd_seq_per_s"]})
+        kernel_rows.append({"shape": f"{b}x{s}", "attention_kernel_seq_per_s": default and default["prefixd_seq_per_s"],
+                            "batched_matmuls_seq_per_s": k and k["seq_per_s"]})
     report["attention_kernel_vs_batched_matmuls_bf16"] = kernel_rows
 
     # 32 tasks mixed in one batch vs one task.
     b, s = shapes[0]
-    one = step("prefixd_1task")(lambda: pbench("--batch", "32", "--seq-len", str(s), "--tasks", "1"))
-    many = step("prefixd_32tasks")(lambda: pbench("--batch", "32", "--seq-len", str(s), "--tasks", "32"))
+    one = None if focus else step("prefixd_1task")(lambda: pbench("--batch", "32", "--seq-len", str(s), "--tasks", "1"))
+    many = None if focus else step("prefixd_32tasks")(lambda: pbench("--batch", "32", "--seq-len", str(s), "--tasks", "32"))
     if one and many:
         report["mixed_32_tasks_vs_one"] = {"one_task_seq_per_s": one["seq_per_s"],
                                            "32_tasks_seq_per_s": many["seq_per_s"],
@@ -339,6 +356,11 @@ def main():
     # Training steps: forward with dropout, backward, clipping, AdamW; batch 32.
     tb, ts = (4, 16) if quick else (32, 64)
     p = step("prefixd_train")(lambda: pbench("--train", "--batch", str(tb), "--seq-len", str(ts)))
+    # The hand-written device backward (fused/train.rs) against candle's autograd over the
+    # op-by-op forward, which GPU training ran before it.
+    p_ref = step("prefixd_train_autograd")(lambda: json.loads(sh(
+        [binary, "bench", "--model", model_dir, "--seconds", str(secs), "--train", "--batch", str(tb),
+         "--seq-len", str(ts)] + pdev, dict(env, PREFIXD_REFERENCE_PATH="1"), timeout=240).strip().splitlines()[-1]))
 
     def torch_train():
         torch.manual_seed(0)
@@ -363,6 +385,7 @@ def main():
         return tb / timed(one_step, 3, 10)
     t = step("torch_train")(torch_train)
     report["training_batch32"] = {"batch": tb, "seq_len": ts, "prefixd_examples_per_s": p and p["examples_per_s"],
+                                  "prefixd_autograd_examples_per_s": p_ref and p_ref["examples_per_s"],
                                   "torch_examples_per_s": t, "ratio": (p["examples_per_s"] / t) if p and t else None}
 
     # Training on the GPU learns what training on the CPU learns: the same seed, data and random
@@ -392,6 +415,8 @@ def main():
                     words.insert(rng.randrange(len(words) + 1), rng.choice(good if label else bad))
                 f.write(" ".join(words) + f"\t{label}\n")
     devices = ["cuda", "cpu"] if dev == "cuda" else ["cpu"]
+    if focus:
+        devices = devices[:1]
     report["training_same_seed"] = {d: step(f"train_{d}")(lambda d=d: train_on(d)) for d in devices}
 
     report["total_seconds"] = round(time.time() - t_start, 1)
@@ -407,22 +432,49 @@ def main():
         print(f"ERROR {e['step']}: {e['error']}")
     print(f"[gpu-check] wrote {path} in {report['total_seconds']} s; {len(report['errors'])} errors")
 
-    # Where a large half-precision batch spends its time, kernel by kernel (Nsight Compute, if
-    # present and allowed; about a minute). Written after the report, so it can only add.
+    # Where the time goes, kernel by kernel (Nsight Compute, if present and allowed): one large
+    # half-precision forward, and the training steps at batch 32. Written after the report, so
+    # they can only add. Each leaves a summary (per kernel: launches, total µs) and the raw CSV.
     if dev == "cuda" and shutil.which("ncu") and not quick:
-        try:
-            prof = subprocess.run(
-                ["ncu", "--clock-control", "none", "--metrics", "gpu__time_duration.sum", "--csv",
-                 "--launch-skip", "200", "--launch-count", "90", binary, "bench", "--model", model_dir,
-                 "--device", "cuda", "--dtype", "bf16", "--batch", "512", "--seq-len", "128",
-                 "--seconds", "0", "--warmup", "3"],
-                env=env, capture_output=True, text=True, timeout=120)
-            with open(os.path.join(args.out, "ncu-bf16-512x128.csv"), "w") as f:
-                f.write(prof.stdout[-4_000_000:] + "\n# stderr\n" + prof.stderr[-20000:])
-            print("[gpu-check] wrote ncu-bf16-512x128.csv", flush=True)
-        except Exception as e:
-            print(f"[gpu-check] ncu skipped: {e}", flush=True)
+        profiles = [("bf16-512x128", ["--launch-skip", "200", "--launch-count", "90"],
+                     ["bench", "--dtype", "bf16", "--batch", "512", "--seq-len", "128", "--seconds", "0",
+                      "--warmup", "3"]),
+                    ("train-32x64", ["--launch-count", "6000"],
+                     ["bench", "--train", "--batch", "32", "--seq-len", "64", "--seconds", "0"])]
+        for name, window, cmd in profiles:
+            try:
+                prof = subprocess.run(
+                    ["ncu", "--clock-control", "none", "--metrics", "gpu__time_duration.sum", "--csv"]
+                    + window + [binary] + cmd[:1] + ["--model", model_dir, "--device", "cuda"] + cmd[1:],
+                    env=env, capture_output=True, text=True, timeout=150)
+                with open(os.path.join(args.out, f"ncu-{name}.csv"), "w") as f:
+                    f.write(prof.stdout[-6_000_000:] + "\n# stderr\n" + prof.stderr[-20000:])
+                with open(os.path.join(args.out, f"ncu-{name}-summary.json"), "w") as f:
+                    json.dump(ncu_summary(prof.stdout), f, indent=1)
+                print(f"[gpu-check] wrote ncu-{name}.csv and its summary", flush=True)
+            except Exception as e:
+                print(f"[gpu-check] ncu {name} skipped: {e}", flush=True)
 
+
+def ncu_summary(text):
+    """Per kernel name: launches and total µs, largest first, from ncu's --csv output."""
+    import csv
+    scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
+    lines = [l for l in text.splitlines() if l.startswith('"')]
+    per, total, launches = {}, 0.0, 0
+    for row in csv.DictReader(lines):
+        if row.get("Metric Name") != "gpu__time_duration.sum":
+            continue
+        us = float(row["Metric Value"].replace(",", "")) * scale.get(row.get("Metric Unit", "nsecond"), 1e-3)
+        name = row["Kernel Name"][:120]
+        c, t = per.get(name, (0, 0.0))
+        per[name] = (c + 1, t + us)
+        total += us
+        launches += 1
+    top = sorted(per.items(), key=lambda kv: -kv[1][1])
+    return {"launches": launches, "total_us": round(total, 1),
+            "kernels": [{"name": k, "launches": c, "total_us": round(t, 1),
+                         "share": round(t / total, 4) if total else None} for k, (c, t) in top]}
 
 if __name__ == "__main__":
     main()

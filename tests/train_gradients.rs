@@ -1,6 +1,7 @@
-//! The CPU training path (`model/cpu_train.rs`: one op, hand-written backward) against candle's
-//! autograd of the same encoder, and against finite differences where dropout is on (the two paths
-//! draw different masks, so there the only oracle is the function itself).
+//! The two hand-written training backwards — the CPU path (`model/cpu_train.rs`) and the device
+//! path GPUs run (`model/fused/train.rs`, here on candle's CPU ops) — against candle's autograd of
+//! the same encoder, and against finite differences where dropout is on (the paths draw different
+//! masks, so there the only oracle is the function itself).
 
 mod common;
 
@@ -82,20 +83,29 @@ fn real_model_gradients_match_candle_autograd_without_dropout() {
     let model = PrefixedBert::load(&common::model_dir(), &Device::Cpu).unwrap();
     let (prompt, weights) = setup(&model, 8, 1);
     let rows = rows(model.config().vocab_size as u32, 2);
-    let (y_fast, l_fast, g_fast) = loss_and_grad(
-        &model,
-        PrefixedBert::pooled_train,
-        &rows,
-        &prompt,
-        &weights,
-        Dropout::new(0.0, 0),
-    );
+    for fast in [
+        PrefixedBert::pooled_train as Forward,
+        PrefixedBert::pooled_train_device,
+    ] {
+        matches_reference(&model, fast, &rows, &prompt, &weights);
+    }
+}
+
+fn matches_reference(
+    model: &PrefixedBert,
+    fast: Forward,
+    rows: &[(Vec<u32>, Vec<u32>)],
+    prompt: &Var,
+    weights: &Tensor,
+) {
+    let (y_fast, l_fast, g_fast) =
+        loss_and_grad(model, fast, rows, prompt, weights, Dropout::new(0.0, 0));
     let (y_ref, l_ref, g_ref) = loss_and_grad(
-        &model,
+        model,
         PrefixedBert::pooled_train_reference,
-        &rows,
-        &prompt,
-        &weights,
+        rows,
+        prompt,
+        weights,
         Dropout::new(0.0, 0),
     );
     let dy = max_diff(&y_fast, &y_ref);
@@ -127,19 +137,24 @@ fn real_model_gradients_match_candle_autograd_without_dropout() {
 #[test]
 fn tiny_model_gradients_match_candle_autograd_and_finite_differences_with_dropout() {
     let model = PrefixedBert::load(&common::tiny::model_dir(), &Device::Cpu).unwrap();
+    check_with_dropout(&model, PrefixedBert::pooled_train);
+}
+
+#[test]
+fn device_training_path_gradients_match_candle_autograd_and_finite_differences_with_dropout() {
+    let model = PrefixedBert::load(&common::tiny::model_dir(), &Device::Cpu).unwrap();
+    check_with_dropout(&model, PrefixedBert::pooled_train_device);
+}
+
+/// `fast` against candle's autograd without dropout; with dropout, same seed same bytes, another
+/// seed another mask, and central differences.
+fn check_with_dropout(model: &PrefixedBert, fast: Forward) {
     let vocab = model.config().vocab_size as u32;
     let rows = rows(vocab, 3);
-    let (prompt, weights) = setup(&model, 5, 4);
-    let (_, _, g_fast) = loss_and_grad(
-        &model,
-        PrefixedBert::pooled_train,
-        &rows,
-        &prompt,
-        &weights,
-        Dropout::new(0.0, 0),
-    );
+    let (prompt, weights) = setup(model, 5, 4);
+    let (_, _, g_fast) = loss_and_grad(model, fast, &rows, &prompt, &weights, Dropout::new(0.0, 0));
     let (_, _, g_ref) = loss_and_grad(
-        &model,
+        model,
         PrefixedBert::pooled_train_reference,
         &rows,
         &prompt,
@@ -150,40 +165,12 @@ fn tiny_model_gradients_match_candle_autograd_and_finite_differences_with_dropou
 
     // With dropout: the same seed gives the same mask (and bytes), a fresh one another mask.
     let drop = || Dropout::new(0.3, 11);
-    let (y1, l1, g1) = loss_and_grad(
-        &model,
-        PrefixedBert::pooled_train,
-        &rows,
-        &prompt,
-        &weights,
-        drop(),
-    );
-    let (y2, _, g2) = loss_and_grad(
-        &model,
-        PrefixedBert::pooled_train,
-        &rows,
-        &prompt,
-        &weights,
-        drop(),
-    );
+    let (y1, l1, g1) = loss_and_grad(model, fast, &rows, &prompt, &weights, drop());
+    let (y2, _, g2) = loss_and_grad(model, fast, &rows, &prompt, &weights, drop());
     assert_eq!((&y1, &g1), (&y2, &g2), "same seed, different result");
-    let (y3, _, _) = loss_and_grad(
-        &model,
-        PrefixedBert::pooled_train,
-        &rows,
-        &prompt,
-        &weights,
-        Dropout::new(0.3, 12),
-    );
+    let (y3, _, _) = loss_and_grad(model, fast, &rows, &prompt, &weights, Dropout::new(0.3, 12));
     assert!(max_diff(&y1, &y3) > 1e-3, "another seed, same mask");
-    let (y0, _, _) = loss_and_grad(
-        &model,
-        PrefixedBert::pooled_train,
-        &rows,
-        &prompt,
-        &weights,
-        Dropout::new(0.0, 0),
-    );
+    let (y0, _, _) = loss_and_grad(model, fast, &rows, &prompt, &weights, Dropout::new(0.0, 0));
     assert!(max_diff(&y1, &y0) > 1e-3, "dropout changed nothing");
 
     // Central differences on the largest-gradient coordinates and a few random ones: the
@@ -203,15 +190,7 @@ fn tiny_model_gradients_match_candle_autograd_and_finite_differences_with_dropou
             v[i] += delta;
             let var = Var::from_tensor(&Tensor::from_vec(v, shape.clone(), &Device::Cpu).unwrap())
                 .unwrap();
-            loss_and_grad(
-                &model,
-                PrefixedBert::pooled_train,
-                &rows,
-                &var,
-                &weights,
-                drop(),
-            )
-            .1
+            loss_and_grad(model, fast, &rows, &var, &weights, drop()).1
         };
         let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
         assert!(

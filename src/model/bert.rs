@@ -521,8 +521,9 @@ impl PrefixedBert {
     /// `prompt_embeddings`, `[P, L·2·Hd]` in PEFT's layout, with dropout. Gradients flow to the
     /// prefix and never to the frozen weights. Returns the pooled `[B, Hd]`.
     ///
-    /// On the CPU in f32 the encoder is one op with a hand-written backward (`cpu_train.rs`);
-    /// elsewhere it is candle's autograd over [`Self::pooled_train_reference`]'s ops.
+    /// On the CPU in f32 the encoder is one op with a hand-written backward (`cpu_train.rs`); on
+    /// a GPU one op over the fused kernels ([`Self::pooled_train_device`]); elsewhere (or with
+    /// `PREFIXD_REFERENCE_PATH=1`) candle's autograd over [`Self::pooled_train_reference`]'s ops.
     pub fn pooled_train(
         &self,
         rows: &[(&[u32], &[u32])],
@@ -530,6 +531,9 @@ impl PrefixedBert {
         dropout: &mut Dropout,
     ) -> Result<Tensor> {
         let Some(host) = self.host.as_ref().filter(|_| !reference_path_forced()) else {
+            if !reference_path_forced() && self.device_train_applies() {
+                return self.pooled_train_device(rows, prompt_embeddings, dropout);
+            }
             return self.pooled_train_reference(rows, prompt_embeddings, dropout);
         };
         let (p, kv) = self.prefix_layers(prompt_embeddings)?;
@@ -550,6 +554,36 @@ impl PrefixedBert {
             drop: dropout.next_mask(),
             saved: Default::default(),
         };
+        Ok(kv.apply_op1(op)?)
+    }
+
+    /// Whether the device training path (`fused::train`) can run this model: f32, erf GELU, and
+    /// the fused kernels' size limits.
+    fn device_train_applies(&self) -> bool {
+        self.dtype == DType::F32
+            && self.config.activation() == Activation::GeluErf
+            && super::fused::supports(&self.config)
+    }
+
+    /// The training forward of the device path: the encoder as one op with a hand-written
+    /// backward over the fused ops (`fused/train.rs`). What GPUs run; on the CPU it runs on
+    /// candle's ops, which is how it is tested.
+    pub fn pooled_train_device(
+        &self,
+        rows: &[(&[u32], &[u32])],
+        prompt_embeddings: &Tensor,
+        dropout: &mut Dropout,
+    ) -> Result<Tensor> {
+        if !self.device_train_applies() {
+            return Err(ModelError::Device(
+                "the device training path needs f32 weights, erf GELU and the fused kernels' sizes"
+                    .into(),
+            ));
+        }
+        let (p, kv) = self.prefix_layers(prompt_embeddings)?;
+        let tokens: Vec<(&[u32], &[u32], usize)> = rows.iter().map(|r| (r.0, r.1, p)).collect();
+        let batch = HostBatch::build(&tokens, &self.dims())?;
+        let op = super::fused::train::EncoderTrainDevice::new(self, batch, dropout.next_mask());
         Ok(kv.apply_op1(op)?)
     }
 

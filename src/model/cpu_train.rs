@@ -21,7 +21,7 @@
 mod dropout;
 mod group;
 
-pub(crate) use dropout::DropMask;
+pub(crate) use dropout::{factors as drop_factors, DropMask};
 
 use super::batch::HostBatch;
 use super::cpu::{CtxPtr, HostBert, ITEM_TOKENS};

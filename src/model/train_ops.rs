@@ -24,7 +24,7 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
 
 /// Runs a candle computation on a custom op's input and hands back the result's storage.
 /// Costs a copy in and out, which is small next to the matmul it wraps.
-fn via_tensor(
+pub(crate) fn via_tensor(
     s: &CpuStorage,
     l: &Layout,
     op: &str,
@@ -43,7 +43,7 @@ fn via_tensor(
 /// The same wrapping for a CUDA input: the op's input copied into a tensor (device to device),
 /// the candle computation run on it, its result copied out as the op's storage.
 #[cfg(feature = "cuda")]
-fn via_tensor_cuda(
+pub(crate) fn via_tensor_cuda(
     s: &candle_core::CudaStorage,
     l: &Layout,
     op: &str,

@@ -22,6 +22,13 @@ fn hash32(mut x: u32) -> u32 {
 }
 
 impl DropMask {
+    /// Site `site`'s `(key, threshold, scale)`, or `None` when nothing is dropped: the device
+    /// training path (`fused::grad::dropout`) draws its masks with the same hash.
+    pub(crate) fn site_params(&self, site: u32) -> Option<(u32, u32, f32)> {
+        let s = self.site(site);
+        s.on.then_some((s.key, s.threshold, s.scale))
+    }
+
     pub(super) fn site(&self, site: u32) -> Site {
         Site {
             key: hash32(self.seed ^ site.wrapping_mul(0x9e37_79b9)),
@@ -35,6 +42,20 @@ impl DropMask {
             on: self.p > 0.0,
         }
     }
+}
+
+/// The factors of elements `0 .. n` of one site: the device training path's mask where it runs
+/// on candle's ops (the CUDA kernel `dropout_f32` computes the same).
+pub(crate) fn factors(key: u32, threshold: u32, scale: f32, n: usize) -> Vec<f32> {
+    (0..n as u32)
+        .map(|i| {
+            if hash32(i ^ key) >> 8 >= threshold {
+                scale
+            } else {
+                0.0
+            }
+        })
+        .collect()
 }
 
 /// One dropout site (the embeddings, or a layer's attention, attention output or FFN output).

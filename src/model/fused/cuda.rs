@@ -12,8 +12,8 @@ use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, S
 
 use super::ops::AttnDims;
 
-const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/prefixd_kernels.ptx"));
-const MODULE: &str = "prefixd_fused";
+pub(super) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/prefixd_kernels.ptx"));
+pub(super) const MODULE: &str = "prefixd_fused";
 /// Row-per-warp kernels hold a row in registers: at most 32 values per lane.
 pub(crate) const MAX_ROW: usize = 32 * 32;
 const WARPS_PER_BLOCK: u32 = 4;
@@ -21,7 +21,7 @@ const WARPS_PER_BLOCK: u32 = 4;
 const NV: [usize; 8] = [1, 2, 4, 8, 12, 16, 24, 32];
 
 /// The smallest kernel instance whose warp holds a row of `n` values.
-fn nv_for(n: usize) -> Result<usize> {
+pub(super) fn nv_for(n: usize) -> Result<usize> {
     match NV.iter().find(|&&nv| n <= 32 * nv) {
         Some(&nv) => Ok(nv),
         None => bail!("fused kernels handle rows of at most {MAX_ROW} values, got {n}"),
@@ -56,14 +56,17 @@ fn row_blocks(rows: usize, packs_per_row: usize) -> LaunchConfig {
     }
 }
 
-fn device(t: &Tensor) -> Result<CudaDevice> {
+pub(super) fn device(t: &Tensor) -> Result<CudaDevice> {
     match t.device() {
         candle_core::Device::Cuda(d) => Ok(d.clone()),
         _ => bail!("expected a CUDA tensor"),
     }
 }
 
-fn view<'a, T: CudaDType + DeviceRepr>(s: &'a Storage, l: &Layout) -> Result<CudaView<'a, T>> {
+pub(super) fn view<'a, T: CudaDType + DeviceRepr>(
+    s: &'a Storage,
+    l: &Layout,
+) -> Result<CudaView<'a, T>> {
     let Storage::Cuda(c) = s else {
         bail!("expected CUDA storage")
     };
@@ -73,7 +76,7 @@ fn view<'a, T: CudaDType + DeviceRepr>(s: &'a Storage, l: &Layout) -> Result<Cud
     Ok(c.as_cuda_slice::<T>()?.slice(a..b))
 }
 
-fn wrap<T: CudaDType + DeviceRepr>(
+pub(super) fn wrap<T: CudaDType + DeviceRepr>(
     out: CudaSlice<T>,
     dev: &CudaDevice,
     shape: impl Into<Shape>,
@@ -82,7 +85,8 @@ fn wrap<T: CudaDType + DeviceRepr>(
     Tensor::from_storage(storage, shape, BackpropOp::none(), false)
 }
 
-/// The kernel `name` for `dtype`, loaded from our PTX on first use.
+/// The kernel `name` for `dtype`, loaded from our PTX on first use (`#[macro_use]` in mod.rs:
+/// `cuda_train.rs` uses it too, with `MODULE` and `PTX` in scope).
 macro_rules! kernel {
     ($dev:expr, $name:expr, $dtype:expr) => {{
         let suffix = match $dtype {
@@ -96,7 +100,7 @@ macro_rules! kernel {
 }
 
 /// Blocks of `WARPS_PER_BLOCK` warps, one row each.
-fn rows_config(rows: usize) -> LaunchConfig {
+pub(super) fn rows_config(rows: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: ((rows as u32).div_ceil(WARPS_PER_BLOCK), 1, 1),
         block_dim: (32 * WARPS_PER_BLOCK, 1, 1),
@@ -471,18 +475,14 @@ pub(crate) fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Resu
     by_dtype!(scores.dtype(), go, scores, mask, scale)
 }
 
-/// Whether the tensor-core attention kernel runs: only when asked for with
-/// `PREFIXD_ATTENTION=fused`, in half precision, with head size 32 or 64.
-///
-/// Opt-in because it is not yet faster where it matters. Measured on an H200 against the
-/// batched-matmul path (bench/README.md, GPU section): at 512 × 128 bf16 45.4k vs 50.7k seq/s in
-/// one run; its first version was 2× slower still (bank conflicts). Its known costs: the scores
-/// are computed twice (two passes instead of an online rescale), row statistics go through warp
-/// shuffles, and each block waits on its key/value loads with nothing in flight.
+/// Whether the tensor-core attention kernel runs: in half precision with head size 32 or 64,
+/// unless `PREFIXD_ATTENTION=matmul` asks for the batched-matmul path (for comparing the two).
+/// f32 keeps the batched matmuls: cuBLAS's f32 products are exact to PEFT's 1e-4, where the
+/// tensor cores would round the operands.
 pub(crate) fn fused_attention_applies(dtype: DType, head_dim: usize) -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let on = *ON.get_or_init(|| std::env::var("PREFIXD_ATTENTION").is_ok_and(|v| v == "fused"));
-    on && matches!(dtype, DType::BF16 | DType::F16) && matches!(head_dim, 32 | 64)
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off = *OFF.get_or_init(|| std::env::var("PREFIXD_ATTENTION").is_ok_and(|v| v == "matmul"));
+    !off && matches!(dtype, DType::BF16 | DType::F16) && matches!(head_dim, 32 | 64)
 }
 
 /// `softmax(q·Kᵀ · scale + mask) · V` in one kernel, written as merged-head rows `[B·S, H·D]`.
@@ -501,7 +501,7 @@ pub(crate) fn attention(
         mask: &Tensor,
         scale: f64,
     ) -> Result<Tensor> {
-        const WARPS: usize = 4;
+        /// Queries per warp, and at most four warps a block (`attention` in kernels.cu).
         const QROWS: usize = 16;
         let dev = device(q)?;
         let (b, h, s, d) = q.dims4()?;
@@ -539,13 +539,15 @@ pub(crate) fn attention(
             .arg(&si)
             .arg(&ti);
         l.arg(&mut out);
+        // A short sequence gets fewer warps rather than idle ones.
+        let warps = s.div_ceil(QROWS).min(4);
         let cfg = LaunchConfig {
-            grid_dim: ((b * h) as u32, s.div_ceil(WARPS * QROWS) as u32, 1),
-            block_dim: ((WARPS * 32) as u32, 1, 1),
+            grid_dim: ((b * h) as u32, s.div_ceil(warps * QROWS) as u32, 1),
+            block_dim: ((warps * 32) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: argument order and types match `attention_*` in kernels.cu; the kernel's
-        // shared memory is static (at most 48 KB, within every GPU's default limit).
+        // shared memory is static (under 19 KB, within every GPU's default 48 KB).
         unsafe { l.launch(cfg) }.w()?;
         drop(l);
         Ok(wrap(out, &dev, (b * s, h * d)))

@@ -11,8 +11,10 @@
 //   merge_heads         [B, H, S, D] attention output back to [B·S, H·D] rows
 //   bias_residual_ln    dense bias + residual + LayerNorm
 //   bias_gelu           dense bias + exact (erf) GELU
-//   attention           (half precision, opt-in) q·Kᵀ, scale, mask, softmax and ·V on the tensor
-//                       cores in one kernel, written straight into merged-head rows
+//   dropout, ln_grad, softmax_grad, bias_gelu_grad
+//                       training (f32): dropout by hash, and the backward passes of the above
+//   attention           (half precision) q·Kᵀ, scale, mask, softmax and ·V on the tensor cores
+//                       in one kernel, written straight into merged-head rows
 // Storage is float, __half or __nv_bfloat16 (T); arithmetic is always float.
 //
 // Why the shapes of the launches: the first version indexed flat elements with 64-bit divisions
@@ -24,7 +26,6 @@
 
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
-#include <mma.h>
 #include <stdint.h>
 
 __device__ __forceinline__ float to_f(float x) { return x; }
@@ -295,164 +296,326 @@ INSTANTIATE(float, f32)
 INSTANTIATE(__half, f16)
 INSTANTIATE(__nv_bfloat16, bf16)
 
-// Fused attention for half precision on the tensor cores (WMMA, sm_80+), D = 32 or 64.
+// Training (f32): the backward passes of the fused ops, and dropout as a pure function of
+// (key, element index) — the backward makes the forward's mask again from the same key instead of
+// storing it. The hash is the CPU training path's (cpu_train/dropout.rs).
+__device__ __forceinline__ uint32_t hash32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    return x ^ (x >> 16);
+}
+
+// out[i] = x[i] · (kept ? scale : 0): element i is kept when its 24-bit uniform ≥ threshold.
+extern "C" __global__ void dropout_f32(const float* x, uint32_t key, uint32_t threshold,
+                                       float scale, uint32_t n, float* out) {
+    for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        out[i] = (hash32(i ^ key) >> 8) >= threshold ? x[i] * scale : 0.f;
+}
+
+// dx of y = LayerNorm(x) with scale gamma, given dy; one warp per row:
+// g = dy·γ, dx = (g − mean(g) − x̂·mean(g·x̂)) / σ.
+template <int NV>
+__device__ void ln_grad(const float* x, const float* dy, const float* gamma, float eps, int rows,
+                        int n, float* dx) {
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    const int lane = threadIdx.x & 31;
+    const float* xr = x + (size_t)row * n;
+    const float* dr = dy + (size_t)row * n;
+    float v[NV], g[NV];
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < NV; i++) {
+        const int j = lane + 32 * i;
+        v[i] = j < n ? xr[j] : 0.f;
+        g[i] = j < n ? dr[j] * gamma[j] : 0.f;
+        s += v[i];
+    }
+    const float mean = warp_sum(s) / n;
+    float q = 0.f;
+#pragma unroll
+    for (int i = 0; i < NV; i++)
+        if (lane + 32 * i < n) {
+            const float d = v[i] - mean;
+            q += d * d;
+        }
+    const float inv = rsqrtf(warp_sum(q) / n + eps);
+    float gs = 0.f, gx = 0.f;
+#pragma unroll
+    for (int i = 0; i < NV; i++) {
+        v[i] = (v[i] - mean) * inv; // x̂ (0 past the row end: g is 0 there too)
+        gs += g[i];
+        gx += g[i] * v[i];
+    }
+    const float gm = warp_sum(gs) / n, gxm = warp_sum(gx) / n;
+    float* out = dx + (size_t)row * n;
+#pragma unroll
+    for (int i = 0; i < NV; i++) {
+        const int j = lane + 32 * i;
+        if (j < n) out[j] = (g[i] - gm - v[i] * gxm) * inv;
+    }
+}
+
+// dx of p = softmax(x · scale + mask) given dp; one warp per row: dx = scale · p (dp − Σ dp p).
+template <int NV>
+__device__ void softmax_grad(const float* p, const float* dp, float scale, int rows, int width,
+                             float* dx) {
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    const int lane = threadIdx.x & 31;
+    const float* pr = p + (size_t)row * width;
+    const float* dr = dp + (size_t)row * width;
+    float a[NV], b[NV];
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < NV; i++) {
+        const int j = lane + 32 * i;
+        a[i] = j < width ? pr[j] : 0.f;
+        b[i] = j < width ? dr[j] : 0.f;
+        s += a[i] * b[i];
+    }
+    s = warp_sum(s);
+    float* out = dx + (size_t)row * width;
+#pragma unroll
+    for (int i = 0; i < NV; i++) {
+        const int j = lane + 32 * i;
+        if (j < width) out[j] = scale * a[i] * (b[i] - s);
+    }
+}
+
+// dx of y = gelu(x + bias) (erf form) given dy; one block per row:
+// dx = dy · (Φ(u) + u φ(u)), u = x + bias.
+extern "C" __global__ void bias_gelu_grad_f32(const float* x, const float* bias, const float* dy,
+                                              int cols, float* dx) {
+    const size_t base = (size_t)blockIdx.x * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        const float u = x[base + c] + bias[c];
+        const float cdf = 0.5f * (1.f + erff(u * 0.70710678118654752f));
+        const float pdf = 0.39894228040143268f * expf(-0.5f * u * u);
+        dx[base + c] = dy[base + c] * (cdf + u * pdf);
+    }
+}
+
+#define GRAD_KERNELS(NV)                                                                         \
+    extern "C" __global__ void ln_grad_##NV##_f32(const float* x, const float* dy,               \
+                                                  const float* gamma, float eps, int rows, int n, \
+                                                  float* dx) {                                   \
+        ln_grad<NV>(x, dy, gamma, eps, rows, n, dx);                                             \
+    }                                                                                            \
+    extern "C" __global__ void softmax_grad_##NV##_f32(const float* p, const float* dp,          \
+                                                       float scale, int rows, int width,         \
+                                                       float* dx) {                              \
+        softmax_grad<NV>(p, dp, scale, rows, width, dx);                                         \
+    }
+GRAD_KERNELS(1)
+GRAD_KERNELS(2)
+GRAD_KERNELS(4)
+GRAD_KERNELS(8)
+GRAD_KERNELS(12)
+GRAD_KERNELS(16)
+GRAD_KERNELS(24)
+GRAD_KERNELS(32)
+
+// Fused attention for half precision on the tensor cores, FlashAttention-2 style, D = 32 or 64.
 //
 // Why: through cuBLAS, q·Kᵀ and probs·V are thousands of 128×148×32 products that cuBLAS runs
 // on an old WMMA kernel, and the [B, H, S, P+S] scores cross memory three times (written, read
-// and written by the softmax, read again): 45% of a 512 × 128 bf16 batch (ncu, H200). Here one
-// block takes 64 queries of one (row, head); each warp owns 16 of them. Keys and values go
-// through shared memory 64 at a time. Pass 1 computes the scores to find each query's max and
-// sum; pass 2 recomputes them, forms the probabilities (f32, rounded to T once, as PyTorch's
-// kernels do) and accumulates probs·V in tensor-core fragments, so nothing needs rescaling. The
-// output goes straight to merged-head rows [B·S, H·D].
+// and written by the softmax, read again): 46% of a 512 × 128 bf16 batch (ncu, H200). Here the
+// scores never leave registers.
+//
+// Layout: one block takes up to 64 queries of one (row, head), one warp per 16 of them. Keys go
+// through shared memory 64 at a time, values transposed (so that both tensor-core operands are
+// read as 32-bit words), rows padded by 8 elements so that a warp's 32 reads hit 32 banks. Each
+// warp multiplies its queries by the chunk's keys with `mma.sync.m16n8k16` (f32 accumulators),
+// keeps a running max and sum per query (online softmax, in base 2), rescales its output
+// accumulators when the max grows, and feeds the probabilities — rounded to T, straight from the
+// accumulator registers, whose layout is the next product's A operand — into probs·V. The output
+// goes to merged-head rows [B·S, H·D] once, divided by the sum.
+//
+// (It replaces a WMMA version that computed the scores twice and staged them through shared
+// memory: 0.84× of the batched-matmul path.)
 namespace fa {
-constexpr int WARPS = 4, QROWS = 16, CHUNK = 64;
+constexpr int QROWS = 16, CHUNK = 64, PAD = 8;
 }
 
+// C[16×8] += A[16×16] · B[16×8], f32 accumulators; A and B as mma.sync fragments of T pairs.
+template <typename T> struct Mma;
+template <> struct Mma<__half> {
+    static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                               uint32_t b1) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
+                     "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+        __half2 h = __floats2half2_rn(lo, hi);
+        return *reinterpret_cast<uint32_t*>(&h);
+    }
+};
+template <> struct Mma<__nv_bfloat16> {
+    static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                               uint32_t b1) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+                     "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+        __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+        return *reinterpret_cast<uint32_t*>(&h);
+    }
+};
+
+__device__ __forceinline__ uint32_t word(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+// Fragment coordinates (PTX ISA, mma.m16n8k16): lane = 4 g + t. A holds rows g and g + 8,
+// columns 2t, 2t + 1 and 2t + 8, 2t + 9; B holds column g, rows 2t, 2t + 1 and 2t + 8, 2t + 9;
+// C holds rows g and g + 8, columns 2t and 2t + 1.
 template <typename T, int D>
 __device__ void attention(const T* q, const T* k, const T* v, const float* mask, float scale,
                           int heads, int seq, int keys, T* out) {
-    using namespace nvcuda;
     using namespace fa;
-    __shared__ __align__(32) T ks[CHUNK * D];
-    __shared__ __align__(32) T vs[CHUNK * D];
-    __shared__ __align__(32) T qs[WARPS][QROWS * D];
-    __shared__ __align__(32) T ps[WARPS][QROWS * CHUNK];
-    __shared__ __align__(32) float ss[WARPS][QROWS * CHUNK];
-    constexpr int V = Pack<T>::N;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    constexpr int KS = D + PAD, VS = CHUNK + PAD, V = Pack<T>::N, NT = CHUNK / 8;
+    __shared__ __align__(16) T ks[CHUNK * KS];
+    __shared__ __align__(16) T vt[D * VS];
+    __shared__ float ms[CHUNK];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int warps = blockDim.x >> 5;
     const int bh = blockIdx.x, b = bh / heads, h = bh - b * heads;
-    const int q0 = blockIdx.y * WARPS * QROWS + warp * QROWS;
+    const int q0 = (blockIdx.y * warps + warp) * QROWS;
     const T* qb = q + (size_t)bh * seq * D;
     const T* kb = k + (size_t)bh * keys * D;
     const T* vb = v + (size_t)bh * keys * D;
     const float* mb = mask + (size_t)b * keys;
+    // Scores in base 2: exp(x) = exp2(x · log2 e); the mask is 0 or −∞, unchanged by the factor.
+    const float sl2 = scale * 1.4426950408889634f;
 
-    // Stage this warp's 16 queries (zeros past the sequence end).
-    for (int i = lane; i < QROWS * D / V; i += 32) {
-        const int r = i / (D / V), c = i - r * (D / V);
-        Pack<T> x;
-        if (q0 + r < seq) {
-            x = reinterpret_cast<const Pack<T>*>(qb + (size_t)(q0 + r) * D)[c];
-        } else {
+    // This warp's queries as A fragments, straight from global memory (zeros past the end).
+    uint32_t qa[D / 16][4];
+    {
+        const bool in0 = q0 + g < seq, in1 = q0 + g + 8 < seq;
+        const T* r0 = qb + (size_t)(q0 + g) * D + 2 * t;
+        const T* r1 = r0 + 8 * D;
 #pragma unroll
-            for (int j = 0; j < V; j++) x.v[j] = from_f<T>(0.f);
+        for (int kk = 0; kk < D / 16; kk++) {
+            qa[kk][0] = in0 ? word(r0 + kk * 16) : 0u;
+            qa[kk][1] = in1 ? word(r1 + kk * 16) : 0u;
+            qa[kk][2] = in0 ? word(r0 + kk * 16 + 8) : 0u;
+            qa[kk][3] = in1 ? word(r1 + kk * 16 + 8) : 0u;
         }
-        reinterpret_cast<Pack<T>*>(qs[warp] + r * D)[c] = x;
     }
-    __syncwarp();
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qa[D / 16];
-#pragma unroll
-    for (int kk = 0; kk < D / 16; kk++) wmma::load_matrix_sync(qa[kk], qs[warp] + kk * 16, D);
 
-    // Loads keys (and values) c0 .. c0+63 into shared memory, zeros past the last key.
-    auto load_chunk = [&](int c0, bool values) {
+    float o[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    // Running max (base 2) and this lane's part of the running sum, for rows g and g + 8.
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+
+    for (int c0 = 0; c0 < keys; c0 += CHUNK) {
+        __syncthreads(); // the previous chunk is no longer read
         for (int i = threadIdx.x; i < CHUNK * D / V; i += blockDim.x) {
             const int r = i / (D / V), c = i - r * (D / V);
             Pack<T> x, y;
             if (c0 + r < keys) {
                 x = reinterpret_cast<const Pack<T>*>(kb + (size_t)(c0 + r) * D)[c];
-                if (values) y = reinterpret_cast<const Pack<T>*>(vb + (size_t)(c0 + r) * D)[c];
+                y = reinterpret_cast<const Pack<T>*>(vb + (size_t)(c0 + r) * D)[c];
             } else {
 #pragma unroll
                 for (int j = 0; j < V; j++) x.v[j] = y.v[j] = from_f<T>(0.f);
             }
-            reinterpret_cast<Pack<T>*>(ks + r * D)[c] = x;
-            if (values) reinterpret_cast<Pack<T>*>(vs + r * D)[c] = y;
+            *reinterpret_cast<Pack<T>*>(ks + r * KS + c * V) = x;
+#pragma unroll
+            for (int j = 0; j < V; j++) vt[(c * V + j) * VS + r] = y.v[j];
         }
-    };
-    // This warp's 16 × 64 raw scores q·Kᵀ for the chunk in shared memory, into ss[warp].
-    auto scores = [&]() {
-#pragma unroll
-        for (int j = 0; j < CHUNK / 16; j++) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::fill_fragment(acc, 0.f);
-#pragma unroll
-            for (int kk = 0; kk < D / 16; kk++) {
-                // K is [key, D] row-major: as Kᵀ it is column-major with leading dimension D.
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> kf;
-                wmma::load_matrix_sync(kf, ks + j * 16 * D + kk * 16, D);
-                wmma::mma_sync(acc, qa[kk], kf, acc);
-            }
-            wmma::store_matrix_sync(ss[warp] + j * 16, acc, CHUNK, wmma::mem_row_major);
-        }
-        __syncwarp();
-    };
-    // Softmax statistics, lane = column: a warp walks its 16 rows, each lane reading columns
-    // `lane` and `lane + 32` (consecutive lanes, consecutive banks), reducing across the warp.
-    // Every lane ends up holding every row's max and sum (registers: the loops are unrolled).
-    // (A first version gave each row two lanes and 32 columns each: every shared-memory read
-    // was a 32-way bank conflict, and the kernel ran at half the speed of cuBLAS + softmax.)
-    float m[QROWS], l[QROWS];
-#pragma unroll
-    for (int r = 0; r < QROWS; r++) m[r] = -INFINITY, l[r] = 0.f;
-    for (int c0 = 0; c0 < keys; c0 += CHUNK) {
+        for (int i = threadIdx.x; i < CHUNK; i += blockDim.x)
+            ms[i] = c0 + i < keys ? mb[c0 + i] : -INFINITY;
         __syncthreads();
-        load_chunk(c0, false);
-        __syncthreads();
-        scores();
-        const float mk0 = c0 + lane < keys ? mb[c0 + lane] : -INFINITY;
-        const float mk1 = c0 + 32 + lane < keys ? mb[c0 + 32 + lane] : -INFINITY;
-#pragma unroll
-        for (int r = 0; r < QROWS; r++) {
-            const float s0 = ss[warp][r * CHUNK + lane] * scale + mk0;
-            const float s1 = ss[warp][r * CHUNK + 32 + lane] * scale + mk1;
-            const float cm = warp_max(fmaxf(s0, s1));
-            if (cm == -INFINITY) continue; // the whole chunk masked for every query
-            const float nm = fmaxf(m[r], cm);
-            l[r] = l[r] * expf(m[r] - nm) + warp_sum(expf(s0 - nm) + expf(s1 - nm));
-            m[r] = nm;
-        }
-        __syncwarp();
-    }
 
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> o[D / 16];
+        // S = q·Kᵀ for 16 queries × 64 keys: NT tiles of 8 keys.
+        float s[NT][4];
 #pragma unroll
-    for (int n = 0; n < D / 16; n++) wmma::fill_fragment(o[n], 0.f);
-    for (int c0 = 0; c0 < keys; c0 += CHUNK) {
-        __syncthreads();
-        load_chunk(c0, true);
-        __syncthreads();
-        scores();
-        const float mk0 = c0 + lane < keys ? mb[c0 + lane] : -INFINITY;
-        const float mk1 = c0 + 32 + lane < keys ? mb[c0 + 32 + lane] : -INFINITY;
+        for (int j = 0; j < NT; j++) {
+            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+            const T* kr = ks + (j * 8 + g) * KS + 2 * t;
 #pragma unroll
-        for (int r = 0; r < QROWS; r++) {
-            const float inv = 1.f / l[r];
-            const float s0 = ss[warp][r * CHUNK + lane] * scale + mk0;
-            const float s1 = ss[warp][r * CHUNK + 32 + lane] * scale + mk1;
-            ps[warp][r * CHUNK + lane] = from_f<T>(expf(s0 - m[r]) * inv);
-            ps[warp][r * CHUNK + 32 + lane] = from_f<T>(expf(s1 - m[r]) * inv);
+            for (int kk = 0; kk < D / 16; kk++)
+                Mma<T>::run(s[j], qa[kk], word(kr + kk * 16), word(kr + kk * 16 + 8));
         }
-        __syncwarp();
+        // Scale, mask, and the chunk's row maxima (a row's four lanes are a quad).
+        float x0 = -INFINITY, x1 = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < NT; j++) {
+            const float mk0 = ms[j * 8 + 2 * t], mk1 = ms[j * 8 + 2 * t + 1];
+            s[j][0] = s[j][0] * sl2 + mk0;
+            s[j][1] = s[j][1] * sl2 + mk1;
+            s[j][2] = s[j][2] * sl2 + mk0;
+            s[j][3] = s[j][3] * sl2 + mk1;
+            x0 = fmaxf(x0, fmaxf(s[j][0], s[j][1]));
+            x1 = fmaxf(x1, fmaxf(s[j][2], s[j][3]));
+        }
+#pragma unroll
+        for (int off = 1; off < 4; off <<= 1) {
+            x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, off));
+            x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, off));
+        }
+        const float n0 = fmaxf(m0, x0), n1 = fmaxf(m1, x1);
+        // While every key so far is masked the max is −∞; subtracting 0 instead keeps
+        // exp2(−∞ − max) at 0 rather than NaN.
+        const float b0 = n0 == -INFINITY ? 0.f : n0, b1 = n1 == -INFINITY ? 0.f : n1;
+        const float a0 = exp2f(m0 - b0), a1 = exp2f(m1 - b1);
+        m0 = n0, m1 = n1;
+        l0 *= a0, l1 *= a1;
+#pragma unroll
+        for (int n = 0; n < D / 8; n++) o[n][0] *= a0, o[n][1] *= a0, o[n][2] *= a1, o[n][3] *= a1;
+
+        // P = exp2(S − max), summed, and multiplied by V 16 keys (two S tiles) at a time.
 #pragma unroll
         for (int kk = 0; kk < CHUNK / 16; kk++) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pf;
-            wmma::load_matrix_sync(pf, ps[warp] + kk * 16, CHUNK);
+            float p[2][4];
 #pragma unroll
-            for (int n = 0; n < D / 16; n++) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vf;
-                wmma::load_matrix_sync(vf, vs + kk * 16 * D + n * 16, D);
-                wmma::mma_sync(o[n], pf, vf, o[n]);
+            for (int u = 0; u < 2; u++) {
+                p[u][0] = exp2f(s[2 * kk + u][0] - b0);
+                p[u][1] = exp2f(s[2 * kk + u][1] - b0);
+                p[u][2] = exp2f(s[2 * kk + u][2] - b1);
+                p[u][3] = exp2f(s[2 * kk + u][3] - b1);
+                l0 += p[u][0] + p[u][1];
+                l1 += p[u][2] + p[u][3];
+            }
+            const uint32_t pa[4] = {Mma<T>::pack(p[0][0], p[0][1]), Mma<T>::pack(p[0][2], p[0][3]),
+                                    Mma<T>::pack(p[1][0], p[1][1]), Mma<T>::pack(p[1][2], p[1][3])};
+#pragma unroll
+            for (int n = 0; n < D / 8; n++) {
+                const T* vr = vt + (n * 8 + g) * VS + kk * 16 + 2 * t;
+                Mma<T>::run(o[n], pa, word(vr), word(vr + 8));
             }
         }
+        // Chunks past the last key do not exist: c0 + CHUNK >= keys ends the loop.
     }
-    // Out through shared memory into merged-head rows.
-    __syncwarp();
+
 #pragma unroll
-    for (int n = 0; n < D / 16; n++)
-        wmma::store_matrix_sync(ss[warp] + n * 16, o[n], D, wmma::mem_row_major);
-    __syncwarp();
+    for (int off = 1; off < 4; off <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+    }
+    // Every real row attends at least its [CLS] token, so l > 0; a guard for the rows past the end.
+    const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
     const int hd = heads * D;
-    for (int i = lane; i < QROWS * D; i += 32) {
-        const int r = i / D, c = i - r * D;
-        if (q0 + r < seq)
-            out[((size_t)b * seq + q0 + r) * hd + h * D + c] = from_f<T>(ss[warp][r * D + c]);
+    T* out0 = out + ((size_t)b * seq + q0 + g) * hd + h * D + 2 * t;
+    T* out1 = out0 + (size_t)8 * hd;
+#pragma unroll
+    for (int n = 0; n < D / 8; n++) {
+        if (q0 + g < seq)
+            *reinterpret_cast<uint32_t*>(out0 + n * 8) = Mma<T>::pack(o[n][0] * i0, o[n][1] * i0);
+        if (q0 + g + 8 < seq)
+            *reinterpret_cast<uint32_t*>(out1 + n * 8) = Mma<T>::pack(o[n][2] * i1, o[n][3] * i1);
     }
 }
 
 #define ATTENTION(T, SUF, D)                                                                     \
-    extern "C" __global__ void __launch_bounds__(fa::WARPS * 32) attention_##D##_##SUF(         \
+    extern "C" __global__ void __launch_bounds__(128) attention_##D##_##SUF(                     \
         const T* q, const T* k, const T* v, const float* mask, float scale, int heads, int seq, \
         int keys, T* out) {                                                                      \
         attention<T, D>(q, k, v, mask, scale, heads, seq, keys, out);                           \

@@ -11,8 +11,13 @@
 //! its token ids, its mask and a per-row table — never the prefixes themselves.
 
 #[cfg(feature = "cuda")]
+#[macro_use]
 mod cuda;
+#[cfg(feature = "cuda")]
+mod cuda_train;
+mod grad;
 mod ops;
+pub(crate) mod train;
 
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;

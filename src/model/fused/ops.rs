@@ -177,8 +177,8 @@ pub(crate) fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Resu
 }
 
 /// `softmax(q·Kᵀ · scale + mask) · V` as merged-head rows `[B·S, H·D]`: batched matmul, fused
-/// masked softmax, batched matmul, head merge (or, opted into on a GPU in half precision, one
-/// tensor-core kernel: see `cuda::fused_attention_applies`).
+/// masked softmax, batched matmul, head merge (or, on a GPU in half precision, one tensor-core
+/// kernel: see `cuda::fused_attention_applies`).
 pub(crate) fn attention(
     q: &Tensor,
     k: &Tensor,
