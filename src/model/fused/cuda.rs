@@ -485,72 +485,98 @@ pub(crate) fn fused_attention_applies(dtype: DType, head_dim: usize) -> bool {
     !off && matches!(dtype, DType::BF16 | DType::F16) && matches!(head_dim, 32 | 64)
 }
 
-/// `softmax(q·Kᵀ · scale + mask) · V` in one kernel, written as merged-head rows `[B·S, H·D]`.
-/// q: `[B, H, S, D]`; k, v: `[B, H, T, D]`; mask: `[B, T]` f32.
+/// One layer's attention in one kernel (`attention_*` in kernels.cu): from the QKV matmul's
+/// output `[B·S, 3·H·D]` (bias not yet added) and each row's prefix through `table`, to
+/// merged-head rows `[B·S, H·D]`. mask: `[B, Pmax + S]` f32.
 pub(crate) fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    qkv: &Tensor,
+    bias: &Tensor,
+    table: &PrefixTable,
+    layer: usize,
+    d: &AttnDims,
     mask: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
     fn go<T: CudaDType + DeviceRepr>(
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        qkv: &Tensor,
+        bias: &Tensor,
+        table: &PrefixTable,
+        layer: usize,
+        d: &AttnDims,
         mask: &Tensor,
         scale: f64,
     ) -> Result<Tensor> {
-        /// Queries per warp, and at most four warps a block (`attention` in kernels.cu).
+        /// Queries per warp (`attention` in kernels.cu).
         const QROWS: usize = 16;
-        let dev = device(q)?;
-        let (b, h, s, d) = q.dims4()?;
-        let t = k.dim(2)?;
-        if k.dims() != [b, h, t, d] || v.dims() != k.dims() || mask.dims() != [b, t] {
+        let dev = device(qkv)?;
+        let (b, s, h, hd, p) = (d.batch, d.seq, d.heads, d.head_dim, d.p_max);
+        if qkv.dims() != [b * s, 3 * h * hd]
+            || bias.dims() != [3 * h * hd]
+            || mask.dims() != [b, d.keys()]
+            || table.ptrs.len() != b
+        {
             bail!(
-                "attention: q {:?} k {:?} v {:?} mask {:?}",
-                q.dims(),
-                k.dims(),
-                v.dims(),
-                mask.dims()
+                "attention: qkv {:?} bias {:?} mask {:?} for {} prefix rows",
+                qkv.dims(),
+                bias.dims(),
+                mask.dims(),
+                table.ptrs.len()
             )
         }
-        let (s_q, l_q) = q.storage_and_layout();
-        let (s_k, l_k) = k.storage_and_layout();
-        let (s_v, l_v) = v.storage_and_layout();
+        if table.dtype != qkv.dtype() || bias.dtype() != qkv.dtype() {
+            bail!(
+                "attention: prefixes {:?}, bias {:?}, activations {:?}",
+                table.dtype,
+                bias.dtype(),
+                qkv.dtype()
+            )
+        }
+        check_packs("the head size", hd, qkv.dtype())?;
+        let (s_qkv, l_qkv) = qkv.storage_and_layout();
+        let (s_b, l_b) = bias.storage_and_layout();
         let (s_m, l_m) = mask.storage_and_layout();
-        let (v_q, v_k, v_v) = (
-            view::<T>(&s_q, l_q)?,
-            view::<T>(&s_k, l_k)?,
-            view::<T>(&s_v, l_v)?,
-        );
+        let (v_qkv, v_b) = (view::<T>(&s_qkv, l_qkv)?, view::<T>(&s_b, l_b)?);
         let v_m = view::<f32>(&s_m, l_m)?;
         // SAFETY: every element is written by the kernel below (each query row of each head).
-        let mut out = unsafe { dev.alloc::<T>(b * s * h * d)? };
-        let f = kernel!(dev, format!("attention_{d}"), q.dtype());
-        let (scale_f, hi, si, ti) = (scale as f32, h as i32, s as i32, t as i32);
+        let mut out = unsafe { dev.alloc::<T>(b * s * h * hd)? };
+        let f = kernel!(dev, format!("attention_{hd}"), qkv.dtype());
+        let (layer_i, scale_f, hi, si, pi) =
+            (layer as i32, scale as f32, h as i32, s as i32, p as i32);
         let mut l = f.builder();
-        l.arg(&v_q)
-            .arg(&v_k)
-            .arg(&v_v)
-            .arg(&v_m)
-            .arg(&scale_f)
-            .arg(&hi)
-            .arg(&si)
-            .arg(&ti);
-        l.arg(&mut out);
-        // A short sequence gets fewer warps rather than idle ones.
-        let warps = s.div_ceil(QROWS).min(4);
+        l.arg(&v_qkv)
+            .arg(&v_b)
+            .arg(&table.ptrs)
+            .arg(&table.ps)
+            .arg(&layer_i)
+            .arg(&v_m);
+        l.arg(&scale_f).arg(&hi).arg(&si).arg(&pi).arg(&mut out);
+        // Up to eight warps (128 queries) a block share each key/value chunk they load; a short
+        // sequence gets fewer warps rather than idle ones.
+        let warps = s.div_ceil(QROWS).min(attention_warps());
         let cfg = LaunchConfig {
             grid_dim: ((b * h) as u32, s.div_ceil(warps * QROWS) as u32, 1),
             block_dim: ((warps * 32) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: argument order and types match `attention_*` in kernels.cu; the kernel's
-        // shared memory is static (under 19 KB, within every GPU's default 48 KB).
+        // SAFETY: argument order and types match `attention_*` in kernels.cu; every pointer in
+        // the table addresses a live [L, 2, H, P, D] tensor of this dtype; the kernel's shared
+        // memory is static (under 19 KB, within every GPU's default 48 KB).
         unsafe { l.launch(cfg) }.w()?;
         drop(l);
-        Ok(wrap(out, &dev, (b * s, h * d)))
+        Ok(wrap(out, &dev, (b * s, h * hd)))
     }
-    by_dtype!(q.dtype(), go, q, k, v, mask, scale)
+    by_dtype!(qkv.dtype(), go, qkv, bias, table, layer, d, mask, scale)
+}
+
+/// Warps per attention block: 8 unless `PREFIXD_ATTENTION_WARPS` (1–8) says otherwise (for
+/// measuring the choice on a GPU).
+fn attention_warps() -> usize {
+    static W: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *W.get_or_init(|| {
+        std::env::var("PREFIXD_ATTENTION_WARPS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|w| (1..=8).contains(w))
+            .unwrap_or(8)
+    })
 }

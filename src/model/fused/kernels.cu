@@ -13,8 +13,9 @@
 //   bias_gelu           dense bias + exact (erf) GELU
 //   dropout, ln_grad, softmax_grad, bias_gelu_grad
 //                       training (f32): dropout by hash, and the backward passes of the above
-//   attention           (half precision) q·Kᵀ, scale, mask, softmax and ·V on the tensor cores
-//                       in one kernel, written straight into merged-head rows
+//   attention           (half precision) bias, prefix, q·Kᵀ, scale, mask, softmax and ·V on the
+//                       tensor cores in one kernel, from the QKV matmul's rows straight into
+//                       merged-head rows (in place of split_tokens, split_prefix and the rest)
 // Storage is float, __half or __nv_bfloat16 (T); arithmetic is always float.
 //
 // Why the shapes of the launches: the first version indexed flat elements with 64-bit divisions
@@ -43,6 +44,11 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
 template <typename T> struct alignas(16) Pack {
     static constexpr int N = 16 / sizeof(T);
     T v[N];
+};
+
+// Four values of T: a lane's share of a row-per-warp kernel's vector loads.
+template <typename T> struct alignas(4 * sizeof(T)) Pack4 {
+    T v[4];
 };
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -114,6 +120,45 @@ __device__ void bias_residual_ln(const T* x, const T* bias, const T* residual, c
     const T* xr = x + (size_t)row * n;
     const T* rr = residual + (size_t)row * n;
     float v[NV];
+    if constexpr (NV % 4 == 0) {
+        // A row of exactly 32·NV values (384, 768, 1024 …) moves as packs of four per lane: a
+        // fifth of the load instructions of the scalar loop below (ncu at 512 × 128 bf16: the
+        // scalar version reached 2.4 TB/s, 13% of a forward).
+        if (n == 32 * NV) {
+            constexpr int Q = NV / 4;
+#pragma unroll
+            for (int i = 0; i < Q; i++) {
+                const int j = 4 * (lane + 32 * i);
+                const Pack4<T> a = *reinterpret_cast<const Pack4<T>*>(xr + j);
+                const Pack4<T> b = *reinterpret_cast<const Pack4<T>*>(bias + j);
+                const Pack4<T> r = *reinterpret_cast<const Pack4<T>*>(rr + j);
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    v[4 * i + e] = (to_f(a.v[e]) + to_f(b.v[e])) + to_f(r.v[e]);
+            }
+            float s = 0.f;
+#pragma unroll
+            for (int i = 0; i < NV; i++) s += v[i];
+            const float mean = warp_sum(s) / n;
+            float q = 0.f;
+#pragma unroll
+            for (int i = 0; i < NV; i++) q += (v[i] - mean) * (v[i] - mean);
+            const float inv = rsqrtf(warp_sum(q) / n + eps);
+            T* o = out + (size_t)row * n;
+#pragma unroll
+            for (int i = 0; i < Q; i++) {
+                const int j = 4 * (lane + 32 * i);
+                const Pack4<T> g = *reinterpret_cast<const Pack4<T>*>(gamma + j);
+                const Pack4<T> be = *reinterpret_cast<const Pack4<T>*>(beta + j);
+                Pack4<T> y;
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    y.v[e] = from_f<T>((v[4 * i + e] - mean) * inv * to_f(g.v[e]) + to_f(be.v[e]));
+                *reinterpret_cast<Pack4<T>*>(o + j) = y;
+            }
+            return;
+        }
+    }
 #pragma unroll
     for (int i = 0; i < NV; i++) {
         const int j = lane + 32 * i;
@@ -423,9 +468,11 @@ GRAD_KERNELS(32)
 // Why: through cuBLAS, q·Kᵀ and probs·V are thousands of 128×148×32 products that cuBLAS runs
 // on an old WMMA kernel, and the [B, H, S, P+S] scores cross memory three times (written, read
 // and written by the softmax, read again): 46% of a 512 × 128 bf16 batch (ncu, H200). Here the
-// scores never leave registers.
+// scores never leave registers, and queries, keys and values are read where they already are —
+// the QKV matmul's rows (bias added on the way in) and each row's task prefix through its
+// pointer — so the split kernels and their [B, H, ·, D] copies are not needed either.
 //
-// Layout: one block takes up to 64 queries of one (row, head), one warp per 16 of them. Keys go
+// Layout: one block takes up to 128 queries of one (row, head), one warp per 16 of them. Keys go
 // through shared memory 64 at a time, values transposed (so that both tensor-core operands are
 // read as 32-bit words), rows padded by 8 elements so that a warp's 32 reads hit 32 banks. Each
 // warp multiplies its queries by the chunk's keys with `mma.sync.m16n8k16` (f32 accumulators),
@@ -474,9 +521,18 @@ __device__ __forceinline__ uint32_t word(const void* p) { return *reinterpret_ca
 // Fragment coordinates (PTX ISA, mma.m16n8k16): lane = 4 g + t. A holds rows g and g + 8,
 // columns 2t, 2t + 1 and 2t + 8, 2t + 9; B holds column g, rows 2t, 2t + 1 and 2t + 8, 2t + 9;
 // C holds rows g and g + 8, columns 2t and 2t + 1.
+// a + b of two T pairs, in f32, rounded once: what split_tokens stores.
+template <typename T> __device__ __forceinline__ uint32_t add_word(const T* a, const T* b) {
+    return Mma<T>::pack(to_f(a[0]) + to_f(b[0]), to_f(a[1]) + to_f(b[1]));
+}
+
+// qkv: [B·S, 3·H·D] (queries | keys | values), bias [3·H·D] not yet added; row_ptr[b]: row b's
+// task prefix [L, 2, H, P_b, D] with P_b = row_p[b], right-aligned into the first p_max key slots;
+// mask: [B, p_max + S] additive f32; out: [B·S, H·D].
 template <typename T, int D>
-__device__ void attention(const T* q, const T* k, const T* v, const float* mask, float scale,
-                          int heads, int seq, int keys, T* out) {
+__device__ void attention(const T* qkv, const T* bias, const uint64_t* row_ptr, const int* row_p,
+                          int layer, const float* mask, float scale, int heads, int seq,
+                          int p_max, T* out) {
     using namespace fa;
     constexpr int KS = D + PAD, VS = CHUNK + PAD, V = Pack<T>::N, NT = CHUNK / 8;
     __shared__ __align__(16) T ks[CHUNK * KS];
@@ -486,9 +542,14 @@ __device__ void attention(const T* q, const T* k, const T* v, const float* mask,
     const int warps = blockDim.x >> 5;
     const int bh = blockIdx.x, b = bh / heads, h = bh - b * heads;
     const int q0 = (blockIdx.y * warps + warp) * QROWS;
-    const T* qb = q + (size_t)bh * seq * D;
-    const T* kb = k + (size_t)bh * keys * D;
-    const T* vb = v + (size_t)bh * keys * D;
+    const int hd = heads * D, stride = 3 * hd, keys = p_max + seq;
+    // Row b's tokens: queries at column h·D of each qkv row, keys at hd + h·D, values at 2hd + h·D.
+    const T* tok = qkv + (size_t)b * seq * stride + h * D;
+    const T* qbias = bias + h * D;
+    // Row b's prefix for this layer and head, and where its first slot sits among the p_max.
+    const int pb = row_p[b], first = p_max - pb;
+    const T* pk = reinterpret_cast<const T*>(row_ptr[b]) + (((size_t)layer * 2 * heads + h) * pb) * D;
+    const T* pv = pk + (size_t)heads * pb * D;
     const float* mb = mask + (size_t)b * keys;
     // Scores in base 2: exp(x) = exp2(x · log2 e); the mask is 0 or −∞, unchanged by the factor.
     const float sl2 = scale * 1.4426950408889634f;
@@ -497,14 +558,16 @@ __device__ void attention(const T* q, const T* k, const T* v, const float* mask,
     uint32_t qa[D / 16][4];
     {
         const bool in0 = q0 + g < seq, in1 = q0 + g + 8 < seq;
-        const T* r0 = qb + (size_t)(q0 + g) * D + 2 * t;
-        const T* r1 = r0 + 8 * D;
+        const T* r0 = tok + (size_t)(q0 + g) * stride + 2 * t;
+        const T* r1 = r0 + (size_t)8 * stride;
+        const T* bq = qbias + 2 * t;
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++) {
-            qa[kk][0] = in0 ? word(r0 + kk * 16) : 0u;
-            qa[kk][1] = in1 ? word(r1 + kk * 16) : 0u;
-            qa[kk][2] = in0 ? word(r0 + kk * 16 + 8) : 0u;
-            qa[kk][3] = in1 ? word(r1 + kk * 16 + 8) : 0u;
+            const int c = kk * 16;
+            qa[kk][0] = in0 ? add_word(r0 + c, bq + c) : 0u;
+            qa[kk][1] = in1 ? add_word(r1 + c, bq + c) : 0u;
+            qa[kk][2] = in0 ? add_word(r0 + c + 8, bq + c + 8) : 0u;
+            qa[kk][3] = in1 ? add_word(r1 + c + 8, bq + c + 8) : 0u;
         }
     }
 
@@ -517,14 +580,26 @@ __device__ void attention(const T* q, const T* k, const T* v, const float* mask,
     for (int c0 = 0; c0 < keys; c0 += CHUNK) {
         __syncthreads(); // the previous chunk is no longer read
         for (int i = threadIdx.x; i < CHUNK * D / V; i += blockDim.x) {
-            const int r = i / (D / V), c = i - r * (D / V);
+            const int r = i / (D / V), c = i - r * (D / V), j = c0 + r;
             Pack<T> x, y;
-            if (c0 + r < keys) {
-                x = reinterpret_cast<const Pack<T>*>(kb + (size_t)(c0 + r) * D)[c];
-                y = reinterpret_cast<const Pack<T>*>(vb + (size_t)(c0 + r) * D)[c];
-            } else {
+            if (j >= p_max && j < keys) { // a token: the matmul's output plus the bias
+                const T* row = tok + (size_t)(j - p_max) * stride + hd + c * V;
+                x = *reinterpret_cast<const Pack<T>*>(row);
+                y = *reinterpret_cast<const Pack<T>*>(row + hd);
+                const Pack<T> bk = reinterpret_cast<const Pack<T>*>(qbias + hd)[c];
+                const Pack<T> bv = reinterpret_cast<const Pack<T>*>(qbias + 2 * hd)[c];
 #pragma unroll
-                for (int j = 0; j < V; j++) x.v[j] = y.v[j] = from_f<T>(0.f);
+                for (int e = 0; e < V; e++) {
+                    x.v[e] = from_f<T>(to_f(x.v[e]) + to_f(bk.v[e]));
+                    y.v[e] = from_f<T>(to_f(y.v[e]) + to_f(bv.v[e]));
+                }
+            } else if (j >= first && j < p_max) { // the row's prefix
+                x = reinterpret_cast<const Pack<T>*>(pk + (size_t)(j - first) * D)[c];
+                y = reinterpret_cast<const Pack<T>*>(pv + (size_t)(j - first) * D)[c];
+            } else { // past the last key, or a slot left of a shorter prefix (masked): zeros,
+                     // since 0 · NaN would not be 0
+#pragma unroll
+                for (int e = 0; e < V; e++) x.v[e] = y.v[e] = from_f<T>(0.f);
             }
             *reinterpret_cast<Pack<T>*>(ks + r * KS + c * V) = x;
 #pragma unroll
@@ -602,7 +677,6 @@ __device__ void attention(const T* q, const T* k, const T* v, const float* mask,
     }
     // Every real row attends at least its [CLS] token, so l > 0; a guard for the rows past the end.
     const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
-    const int hd = heads * D;
     T* out0 = out + ((size_t)b * seq + q0 + g) * hd + h * D + 2 * t;
     T* out1 = out0 + (size_t)8 * hd;
 #pragma unroll
@@ -615,10 +689,10 @@ __device__ void attention(const T* q, const T* k, const T* v, const float* mask,
 }
 
 #define ATTENTION(T, SUF, D)                                                                     \
-    extern "C" __global__ void __launch_bounds__(128) attention_##D##_##SUF(                     \
-        const T* q, const T* k, const T* v, const float* mask, float scale, int heads, int seq, \
-        int keys, T* out) {                                                                      \
-        attention<T, D>(q, k, v, mask, scale, heads, seq, keys, out);                           \
+    extern "C" __global__ void __launch_bounds__(256) attention_##D##_##SUF(                     \
+        const T* qkv, const T* bias, const uint64_t* row_ptr, const int* row_p, int layer,       \
+        const float* mask, float scale, int heads, int seq, int p_max, T* out) {                 \
+        attention<T, D>(qkv, bias, row_ptr, row_p, layer, mask, scale, heads, seq, p_max, out); \
     }
 ATTENTION(__half, f16, 32)
 ATTENTION(__half, f16, 64)

@@ -1,11 +1,15 @@
 //! The device path: the encoder as matmuls plus a handful of fused ops, for GPUs (and for the CPU
 //! in half precision, or where the host path does not apply).
 //!
-//! Per layer: QKV matmul → `split_qkv` (bias, heads, each row's prefix placed in front of its
-//! keys/values) → `attention` (batched `q·Kᵀ`, `masked_softmax`, batched `probs·V`, head merge)
-//! → output matmul → `bias_residual_ln` → intermediate matmul → `bias_gelu` → output matmul →
-//! `bias_residual_ln`. Eleven launches a layer, where candle's op-by-op chain takes over twenty,
-//! and every bias, scale, mask and residual rides along with a pass that happens anyway.
+//! Per layer: QKV matmul → `attention` (bias, heads, each row's prefix placed in front of its
+//! keys/values, `q·Kᵀ`, masked softmax, `probs·V`, head merge) → output matmul →
+//! `bias_residual_ln` → intermediate matmul → `bias_gelu` → output matmul → `bias_residual_ln`.
+//! In half precision on a GPU `attention` is one tensor-core kernel (eight launches a layer); in
+//! f32 it is `split_qkv`, batched matmuls and a fused masked softmax (eleven), where candle's
+//! op-by-op chain takes over twenty. Every bias, scale, mask and residual rides along with a pass
+//! that happens anyway.
+//!
+//! Training on a GPU (`train.rs`) runs the same ops plus dropout, and its own backward (`grad.rs`).
 //!
 //! Task prefixes live on the device once per task (`PrefixKv::tensor_on`), so a batch uploads only
 //! its token ids, its mask and a per-row table — never the prefixes themselves.
@@ -114,8 +118,7 @@ pub(crate) fn pooled(
     for (l, layer) in m.layers.iter().enumerate() {
         let att = &layer.attention;
         let qkv = x.matmul(&att.qkv.weight_t)?;
-        let (q, k, v) = ops::split_qkv(&qkv, &att.qkv.bias, &prefixes, l, &dims)?;
-        let ctx = ops::attention(&q, &k, &v, &mask, scale)?;
+        let ctx = ops::attention(&qkv, &att.qkv.bias, &prefixes, l, &dims, &mask, scale)?;
         let out = &layer.attention_output;
         x = ops::bias_residual_ln(
             &ctx.matmul(&out.dense.weight_t)?,

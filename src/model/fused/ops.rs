@@ -176,22 +176,29 @@ pub(crate) fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Resu
     candle_nn::ops::softmax_last_dim(&x.contiguous()?)?.to_dtype(scores.dtype())
 }
 
-/// `softmax(q·Kᵀ · scale + mask) · V` as merged-head rows `[B·S, H·D]`: batched matmul, fused
-/// masked softmax, batched matmul, head merge (or, on a GPU in half precision, one tensor-core
-/// kernel: see `cuda::fused_attention_applies`).
+/// One layer's attention from the fused QKV matmul's output (bias not yet added):
+/// `softmax(q·Kᵀ · scale + mask) · V` with each row's prefix in front of its keys and values, as
+/// merged-head rows `[B·S, H·D]`. On a GPU in half precision one tensor-core kernel does all of it
+/// (`cuda::fused_attention_applies`); elsewhere [`split_qkv`], a batched matmul, the fused masked
+/// softmax, a batched matmul and the head merge.
 pub(crate) fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    qkv: &Tensor,
+    bias: &Tensor,
+    prefixes: &Prefixes,
+    layer: usize,
+    d: &AttnDims,
     mask: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if q.device().is_cuda() && super::cuda::fused_attention_applies(q.dtype(), q.dim(3)?) {
-        return super::cuda::attention(q, k, v, mask, scale);
+    if let Prefixes::Table(table) = prefixes {
+        if super::cuda::fused_attention_applies(qkv.dtype(), d.head_dim) {
+            return super::cuda::attention(qkv, bias, table, layer, d, mask, scale);
+        }
     }
+    let (q, k, v) = split_qkv(qkv, bias, prefixes, layer, d)?;
     let probs = masked_softmax(&q.matmul(&k.t()?)?, mask, scale)?;
-    merge_heads(&probs.matmul(v)?)
+    merge_heads(&probs.matmul(&v)?)
 }
 
 /// `[B, H, S, D]` attention output → `[B·S, H·D]` rows.
