@@ -339,12 +339,12 @@ def main():
         k = step(f"prefixd_bf16_batched_matmuls_{b}x{s}")(lambda b=b, s=s: json.loads(sh(
             [binary, "bench", "--model", model_dir, "--seconds", str(secs), "--batch", str(b), "--seq-len",
              str(s), "--dtype", "bf16"] + pdev, dict(env, PREFIXD_ATTENTION="matmul"), timeout=240).strip().splitlines()[-1]))
-        w4 = step(f"prefixd_bf16_attention_4_warps_{b}x{s}")(lambda b=b, s=s: json.loads(sh(
+        w8 = step(f"prefixd_bf16_attention_8_warps_{b}x{s}")(lambda b=b, s=s: json.loads(sh(
             [binary, "bench", "--model", model_dir, "--seconds", str(secs), "--batch", str(b), "--seq-len",
-             str(s), "--dtype", "bf16"] + pdev, dict(env, PREFIXD_ATTENTION_WARPS="4"), timeout=240).strip().splitlines()[-1]))
+             str(s), "--dtype", "bf16"] + pdev, dict(env, PREFIXD_ATTENTION_WARPS="8"), timeout=240).strip().splitlines()[-1]))
         default = next((r for r in rows if r["dtype"] == "bf16" and (r["batch"], r["seq_len"]) == (b, s)), None)
         kernel_rows.append({"shape": f"{b}x{s}", "attention_kernel_seq_per_s": default and default["prefixd_seq_per_s"],
-                            "attention_kernel_4_warps_seq_per_s": w4 and w4["seq_per_s"],
+                            "attention_kernel_8_warps_seq_per_s": w8 and w8["seq_per_s"],
                             "batched_matmuls_seq_per_s": k and k["seq_per_s"]})
     report["attention_kernel_vs_batched_matmuls_bf16"] = kernel_rows
 

@@ -472,7 +472,8 @@ GRAD_KERNELS(32)
 // the QKV matmul's rows (bias added on the way in) and each row's task prefix through its
 // pointer — so the split kernels and their [B, H, ·, D] copies are not needed either.
 //
-// Layout: one block takes up to 128 queries of one (row, head), one warp per 16 of them. Keys go
+// Layout: one block takes up to 64 queries of one (row, head) (128 with eight warps, an option),
+// one warp per 16 of them. Keys go
 // through shared memory 64 at a time, values transposed (so that both tensor-core operands are
 // read as 32-bit words), rows padded by 8 elements so that a warp's 32 reads hit 32 banks. Each
 // warp multiplies its queries by the chunk's keys with `mma.sync.m16n8k16` (f32 accumulators),
