@@ -7,13 +7,14 @@ tokenizer.json in .gpu/model/. The real weights do not travel, so a MiniLM-shape
 weights is made here with PyTorch; PEFT prefix adapters are made on it too, and PEFT's own logits
 on this GPU are the parity reference. Everything else is timing, both engines in this one run.
 
-    python3 scripts/gpu_check.py OUT_DIR [--device cuda|cpu] [--quick] [--focus]
+    python3 scripts/gpu_check.py OUT_DIR [--device cuda|cpu] [--quick] [--focus | --train-only]
 
 --device cpu runs the same steps on the CPU with tiny shapes: the dry run that checks this script
 on a machine without a GPU. Prints one JSON report (also written to OUT_DIR/gpu-check.json) and a
 short table. A failing step is recorded under "errors" and the rest still runs. --focus runs only
 what concerns half precision and training (the attention kernel alone, parity, half-precision
-throughput, training speed and its kernel profile): a shorter run while working on those.
+throughput, training speed and its kernel profile): a shorter run while working on those;
+--train-only runs the same-seed trainings alone.
 """
 import argparse
 import json
@@ -108,6 +109,7 @@ def main():
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--quick", action="store_true", help="tiny shapes and short timings")
     ap.add_argument("--focus", action="store_true", help="half precision and training only")
+    ap.add_argument("--train-only", action="store_true", help="only the same-seed training runs")
     args = ap.parse_args()
     quick = args.quick or args.device == "cpu"
     focus = args.focus
@@ -159,6 +161,13 @@ def main():
         cfg = BertConfig.from_json_file(os.path.join(REPO, ".gpu/model/config.json"))
         BertModel(cfg).save_pretrained(model_dir, safe_serialization=True)
         shutil.copy(os.path.join(REPO, ".gpu/model/tokenizer.json"), model_dir)
+    if args.train_only:
+        devices = ["cuda", "cpu"] if dev == "cuda" else ["cpu"]
+        report["training_same_seed"] = same_seed_training(binary, model_dir, env, devices, quick)
+        with open(os.path.join(args.out, "gpu-check.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        print(json.dumps(report, indent=1))
+        return
     tok = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
     tok.no_padding()
     tok.enable_truncation(max_length=128)
@@ -392,36 +401,8 @@ def main():
                                   "prefixd_autograd_examples_per_s": p_ref and p_ref["examples_per_s"],
                                   "torch_examples_per_s": t, "ratio": (p["examples_per_s"] / t) if p and t else None}
 
-    # Training on the GPU learns what training on the CPU learns: the same seed, data and random
-    # model through both devices (the CPU run uses this machine's cores).
-    def train_on(device):
-        out = os.path.join(WORK, f"syn-{device}.safetensors")
-        sh([binary, "train", "--model", model_dir, "--train", syn_train, "--eval", syn_eval,
-            "--task", "syn", "-o", out, "--device", device, "--epochs", "4", "--lr", "0.05", "--batch-size", "32",
-            "--virtual-tokens", "10", "--max-length", "32", "--quiet"], env, timeout=300)
-        with open(os.path.join(WORK, f"syn-{device}.metrics.json")) as f:
-            m = json.load(f)
-        return {"epochs": [{"train_loss": e["train_loss"], "eval_accuracy": e["eval"]["accuracy"],
-                            "examples_per_s": e["examples_per_s"]} for e in m["epochs"]],
-                "best_epoch": m["best_epoch"]}
-    syn_train, syn_eval = os.path.join(WORK, "syn-train.tsv"), os.path.join(WORK, "syn-eval.tsv")
-    rng = random.Random(3)
-    good, bad = ["great", "wonderful", "happy", "bright", "won"], ["terrible", "boring", "sad", "dark", "lost"]
-    for path, n in [(syn_train, 64 if quick else 640), (syn_eval, 32 if quick else 320)]:
-        with open(path, "w") as f:
-            f.write("sentence\tlabel\n")
-            for _ in range(n):
-                label = rng.randrange(2)
-                # A cue word three times among a few fillers: learnable even through a random BERT
-                # (98% on the CPU at epoch 3).
-                words = [rng.choice(WORDS) for _ in range(rng.randrange(2, 6))]
-                for _ in range(3):
-                    words.insert(rng.randrange(len(words) + 1), rng.choice(good if label else bad))
-                f.write(" ".join(words) + f"\t{label}\n")
     devices = ["cuda", "cpu"] if dev == "cuda" else ["cpu"]
-    if focus:
-        devices = devices[:1]
-    report["training_same_seed"] = {d: step(f"train_{d}")(lambda d=d: train_on(d)) for d in devices}
+    report["training_same_seed"] = same_seed_training(binary, model_dir, env, devices[:1] if focus else devices, quick)
 
     report["total_seconds"] = round(time.time() - t_start, 1)
     path = os.path.join(args.out, "gpu-check.json")
@@ -458,6 +439,47 @@ def main():
                 print(f"[gpu-check] wrote ncu-{name}.csv and its summary", flush=True)
             except Exception as e:
                 print(f"[gpu-check] ncu {name} skipped: {e}", flush=True)
+
+
+def same_seed_training(binary, model_dir, env, devices, quick):
+    """Training on the GPU learns what training on the CPU learns: the same seed, data and random
+    model through both devices (the CPU run uses this machine's cores). With dropout the two
+    paths draw different masks, so the runs are alike; without it the math is the same, so the
+    per-epoch losses must agree to float rounding — the check of the GPU backward kernels."""
+    def train_on(device, dropout, epochs):
+        name = f"syn-{device}-{dropout}"
+        out = os.path.join(WORK, f"{name}.safetensors")
+        sh([binary, "train", "--model", model_dir, "--train", syn_train, "--eval", syn_eval,
+            "--task", "syn", "-o", out, "--device", device, "--epochs", str(epochs), "--lr", "0.05",
+            "--batch-size", "32", "--virtual-tokens", "10", "--max-length", "32", "--dropout", str(dropout),
+            "--quiet"], env, timeout=300)
+        with open(os.path.join(WORK, f"{name}.metrics.json")) as f:
+            m = json.load(f)
+        return {"epochs": [{"train_loss": e["train_loss"], "eval_accuracy": e["eval"]["accuracy"],
+                            "examples_per_s": e["examples_per_s"]} for e in m["epochs"]],
+                "best_epoch": m["best_epoch"]}
+    syn_train, syn_eval = os.path.join(WORK, "syn-train.tsv"), os.path.join(WORK, "syn-eval.tsv")
+    rng = random.Random(3)
+    good, bad = ["great", "wonderful", "happy", "bright", "won"], ["terrible", "boring", "sad", "dark", "lost"]
+    for path, n in [(syn_train, 64 if quick else 640), (syn_eval, 32 if quick else 320)]:
+        with open(path, "w") as f:
+            f.write("sentence\tlabel\n")
+            for _ in range(n):
+                label = rng.randrange(2)
+                # A cue word three times among a few fillers: learnable even through a random BERT
+                # (98% on the CPU at epoch 3).
+                words = [rng.choice(WORDS) for _ in range(rng.randrange(2, 6))]
+                for _ in range(3):
+                    words.insert(rng.randrange(len(words) + 1), rng.choice(good if label else bad))
+                f.write(" ".join(words) + f"\t{label}\n")
+    out = {d: step(f"train_{d}")(lambda d=d: train_on(d, 0.1, 4)) for d in devices}
+    plain = {d: step(f"train_{d}_no_dropout")(lambda d=d: train_on(d, 0.0, 2)) for d in devices}
+    out["no_dropout"] = plain
+    if len(devices) == 2 and all(plain.values()):
+        a, b = (plain[d]["epochs"] for d in devices)
+        out["no_dropout"]["max_rel_train_loss_diff"] = max(
+            abs(x["train_loss"] - y["train_loss"]) / abs(y["train_loss"]) for x, y in zip(a, b))
+    return out
 
 
 def ncu_summary(text):

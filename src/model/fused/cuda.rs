@@ -571,8 +571,9 @@ pub(crate) fn attention(
 /// Warps per attention block: 4 unless `PREFIXD_ATTENTION_WARPS` (1–8) says otherwise (for
 /// measuring the choice on a GPU). Eight share each key/value load among twice the queries, but
 /// hold more registers per block, so fewer blocks fit an SM: on an H200 at 512 × 128 bf16 the
-/// kernel took 236 µs with four warps and 246 µs with eight (128 × 128: 62 vs 67 µs), and a
-/// whole forward ran 3% faster with four (same run, gpu-check).
+/// kernel took 236 µs with four warps and 246 µs with eight (128 × 128: 62 vs 66 µs) in each of
+/// two runs; whole forwards were within noise of each other (84.1k vs 84.2k seq/s in one run,
+/// 3% apart in the other).
 fn attention_warps() -> usize {
     static W: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *W.get_or_init(|| {
