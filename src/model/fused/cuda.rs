@@ -34,7 +34,7 @@ pub(crate) fn pack_len(dtype: DType) -> usize {
 }
 
 fn check_packs(what: &str, n: usize, dtype: DType) -> Result<()> {
-    if n % pack_len(dtype) != 0 {
+    if !n.is_multiple_of(pack_len(dtype)) {
         bail!(
             "fused kernels need {what} divisible by {}, got {n}",
             pack_len(dtype)
