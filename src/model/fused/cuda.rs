@@ -475,16 +475,6 @@ pub(crate) fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Resu
     by_dtype!(scores.dtype(), go, scores, mask, scale)
 }
 
-/// Whether the tensor-core attention kernel runs: in half precision with head size 32 or 64,
-/// unless `PREFIXD_ATTENTION=matmul` asks for the batched-matmul path (for comparing the two).
-/// f32 keeps the batched matmuls: cuBLAS's f32 products are exact to PEFT's 1e-4, where the
-/// tensor cores would round the operands.
-pub(crate) fn fused_attention_applies(dtype: DType, head_dim: usize) -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let off = *OFF.get_or_init(|| std::env::var("PREFIXD_ATTENTION").is_ok_and(|v| v == "matmul"));
-    !off && matches!(dtype, DType::BF16 | DType::F16) && matches!(head_dim, 32 | 64)
-}
-
 /// One layer's attention in one kernel (`attention_*` in kernels.cu): from the QKV matmul's
 /// output `[B·S, 3·H·D]` (bias not yet added) and each row's prefix through `table`, to
 /// merged-head rows `[B·S, H·D]`. mask: `[B, Pmax + S]` f32.

@@ -179,8 +179,8 @@ pub(crate) fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Resu
 /// One layer's attention from the fused QKV matmul's output (bias not yet added):
 /// `softmax(q·Kᵀ · scale + mask) · V` with each row's prefix in front of its keys and values, as
 /// merged-head rows `[B·S, H·D]`. On a GPU in half precision one tensor-core kernel does all of it
-/// (`cuda::fused_attention_applies`); elsewhere [`split_qkv`], a batched matmul, the fused masked
-/// softmax, a batched matmul and the head merge.
+/// ([`attention_kernel_applies`]); elsewhere [`split_qkv`], a batched matmul, the fused masked
+/// softmax, a batched matmul and the head merge (in half precision rounded as the kernel rounds).
 pub(crate) fn attention(
     qkv: &Tensor,
     bias: &Tensor,
@@ -190,15 +190,50 @@ pub(crate) fn attention(
     mask: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
+    let kernel = attention_kernel_applies(qkv.dtype(), d.head_dim);
     #[cfg(feature = "cuda")]
-    if let Prefixes::Table(table) = prefixes {
-        if super::cuda::fused_attention_applies(qkv.dtype(), d.head_dim) {
-            return super::cuda::attention(qkv, bias, table, layer, d, mask, scale);
-        }
+    if let (true, Prefixes::Table(table)) = (kernel, prefixes) {
+        return super::cuda::attention(qkv, bias, table, layer, d, mask, scale);
     }
     let (q, k, v) = split_qkv(qkv, bias, prefixes, layer, d)?;
+    if kernel {
+        return attention_as_kernel(&q, &k, &v, mask, scale);
+    }
     let probs = masked_softmax(&q.matmul(&k.t()?)?, mask, scale)?;
     merge_heads(&probs.matmul(&v)?)
+}
+
+/// Whether half-precision attention is the tensor-core kernel (on a GPU) and its composition
+/// (elsewhere): bf16/f16 with head size 32 or 64, unless `PREFIXD_ATTENTION=matmul` asks for the
+/// batched-matmul path (for comparing the two). f32 keeps the batched matmuls: cuBLAS's f32
+/// products match PEFT to 1e-4, where the tensor cores would round the operands.
+pub(crate) fn attention_kernel_applies(dtype: DType, head_dim: usize) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off = *OFF.get_or_init(|| std::env::var("PREFIXD_ATTENTION").is_ok_and(|v| v == "matmul"));
+    !off && matches!(dtype, DType::BF16 | DType::F16) && matches!(head_dim, 32 | 64)
+}
+
+/// The kernel's math in candle ops, rounding where the kernel rounds, so that half precision on
+/// the CPU (and `bench/half-accuracy.sh`) computes what a GPU does: scores, their exponentials
+/// and the sum in f32, the probabilities rounded to the storage type unnormalised before `·V`
+/// (f32 accumulation), one division and one rounding at the output. (The kernel subtracts a
+/// running maximum, chunk by chunk, and rescales; this subtracts the row's maximum once.)
+fn attention_as_kernel(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let dtype = q.dtype();
+    let (b, _, t, _) = k.dims4()?;
+    let x = (in_f32(q)?.matmul(&in_f32(k)?.t()?)? * scale)?
+        .broadcast_add(&mask.reshape((b, 1, 1, t))?)?;
+    let p = x.broadcast_sub(&x.max_keepdim(D::Minus1)?)?.exp()?;
+    let sum = p.sum_keepdim(D::Minus1)?;
+    let rounded = p.to_dtype(dtype)?.to_dtype(DType::F32)?;
+    let out = rounded.matmul(&in_f32(v)?)?.broadcast_div(&sum)?;
+    merge_heads(&out.to_dtype(dtype)?)
 }
 
 /// `[B, H, S, D]` attention output → `[B·S, H·D]` rows.

@@ -3,10 +3,11 @@
 //!
 //! Why not candle's autograd over the forward's ops: it computes the gradient of both operands of
 //! every product (the frozen weights' too) and accumulates every node's gradient into a fresh
-//! zero tensor, so a step launched ~4× the kernels the math needs — and at batch 32 a GPU step
-//! is launch-bound (0.77× PyTorch + PEFT on an H200). Here the forward is the inference path's
-//! fused ops plus hash dropout, it keeps what the backward needs, and the backward goes straight
-//! from d(pooled) to d(prefix) — no weight gradients, nothing below layer 0's attention.
+//! zero tensor, and at batch 32 a GPU step is bound by its launches: that path ran at 0.77× of
+//! PyTorch + PEFT on an H200, this one at 1.9–2.3× (~420 launches a step; bench/README.md, GPU).
+//! Here the forward is the inference path's fused ops plus hash dropout, it keeps what the
+//! backward needs, and the backward goes straight from d(pooled) to d(prefix) — no weight
+//! gradients, nothing below layer 0's attention.
 //!
 //! Every op is a candle op or one of `ops`/`grad`, so the same code runs on the CPU, where the
 //! tests compare its gradients with candle's autograd through the reference forward.
