@@ -12,6 +12,8 @@ fn main() {
     }
     let src = "src/model/fused/kernels.cu";
     println!("cargo::rerun-if-changed={src}");
+    // The files kernels.cu includes.
+    println!("cargo::rerun-if-changed=src/model/fused/kernels");
     println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("prefixd_kernels.ptx");
     // The same target as candle's own kernels (scripts/install-cuda sets 90: Hopper).

@@ -475,9 +475,9 @@ pub(crate) fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Resu
     by_dtype!(scores.dtype(), go, scores, mask, scale)
 }
 
-/// One layer's attention in one kernel (`attention_*` in kernels.cu): from the QKV matmul's
-/// output `[B·S, 3·H·D]` (bias not yet added) and each row's prefix through `table`, to
-/// merged-head rows `[B·S, H·D]`. mask: `[B, Pmax + S]` f32.
+/// One layer's attention in one kernel (`attention_*` in kernels/attention.cuh): from the QKV
+/// matmul's output `[B·S, 3·H·D]` (bias not yet added) and each row's prefix through `table`,
+/// to merged-head rows `[B·S, H·D]`. mask: `[B, Pmax + S]` f32.
 pub(crate) fn attention(
     qkv: &Tensor,
     bias: &Tensor,
@@ -496,7 +496,7 @@ pub(crate) fn attention(
         mask: &Tensor,
         scale: f64,
     ) -> Result<Tensor> {
-        /// Queries per warp (`attention` in kernels.cu).
+        /// Queries per warp (`attention` in kernels/attention.cuh).
         const QROWS: usize = 16;
         let dev = device(qkv)?;
         let (b, s, h, hd, p) = (d.batch, d.seq, d.heads, d.head_dim, d.p_max);
@@ -548,9 +548,9 @@ pub(crate) fn attention(
             block_dim: ((warps * 32) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: argument order and types match `attention_*` in kernels.cu; every pointer in
-        // the table addresses a live [L, 2, H, P, D] tensor of this dtype; the kernel's shared
-        // memory is static (under 19 KB, within every GPU's default 48 KB).
+        // SAFETY: argument order and types match `attention_*` in kernels/attention.cuh; every
+        // pointer in the table addresses a live [L, 2, H, P, D] tensor of this dtype; the
+        // kernel's shared memory is static (under 19 KB, within every GPU's default 48 KB).
         unsafe { l.launch(cfg) }.w()?;
         drop(l);
         Ok(wrap(out, &dev, (b * s, h * hd)))

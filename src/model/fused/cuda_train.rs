@@ -1,5 +1,5 @@
-//! Launching the training kernels of `kernels.cu` (f32, `--features cuda` only): dropout by hash
-//! and the backward passes of LayerNorm, the masked softmax and bias + GELU.
+//! Launching the training kernels of `kernels/train.cuh` (f32, `--features cuda` only): dropout
+//! by hash and the backward passes of LayerNorm, the masked softmax and bias + GELU.
 
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{bail, DType, Result, Tensor};
@@ -40,7 +40,7 @@ pub(crate) fn dropout(x: &Tensor, key: u32, threshold: u32, scale: f32) -> Resul
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: argument order and types match `dropout_f32` in kernels.cu.
+    // SAFETY: argument order and types match `dropout_f32` in kernels/train.cuh.
     unsafe { b.launch(cfg) }.w()?;
     drop(b);
     Ok(wrap(out, &dev, x.shape().clone()))
@@ -73,7 +73,7 @@ pub(crate) fn ln_grad(x: &Tensor, dy: &Tensor, gamma: &Tensor, eps: f32) -> Resu
         .arg(&rows_i)
         .arg(&n_i)
         .arg(&mut out);
-    // SAFETY: argument order and types match `ln_grad_*_f32` in kernels.cu.
+    // SAFETY: argument order and types match `ln_grad_*_f32` in kernels/train.cuh.
     unsafe { b.launch(rows_config(rows)) }.w()?;
     drop(b);
     Ok(wrap(out, &dev, x.shape().clone()))
@@ -100,7 +100,7 @@ pub(crate) fn softmax_grad(p: &Tensor, dp: &Tensor, scale: f64) -> Result<Tensor
         .arg(&rows_i)
         .arg(&w_i)
         .arg(&mut out);
-    // SAFETY: argument order and types match `softmax_grad_*_f32` in kernels.cu.
+    // SAFETY: argument order and types match `softmax_grad_*_f32` in kernels/train.cuh.
     unsafe { b.launch(rows_config(rows)) }.w()?;
     drop(b);
     Ok(wrap(out, &dev, p.shape().clone()))
@@ -130,7 +130,7 @@ pub(crate) fn bias_gelu_grad(x: &Tensor, bias: &Tensor, dy: &Tensor) -> Result<T
         block_dim: (cols.next_multiple_of(32).clamp(32, 256) as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: argument order and types match `bias_gelu_grad_f32` in kernels.cu.
+    // SAFETY: argument order and types match `bias_gelu_grad_f32` in kernels/train.cuh.
     unsafe { b.launch(cfg) }.w()?;
     drop(b);
     Ok(wrap(out, &dev, (rows, cols)))

@@ -220,13 +220,15 @@ impl EncoderTrainDevice {
                 .reshape((b, s, h, hd_))?
                 .transpose(1, 2)?
                 .contiguous()?; // [B, H, S, D]
-                                // ctx = drop(softmax(q·Kᵀ·scale + mask))·V.
+
+            // ctx = drop(softmax(q·Kᵀ·scale + mask))·V.
             let d_v = sv.probs_dropped.t()?.matmul(&d_ctx)?; // [B, H, T, D]
             let d_dropped = d_ctx.matmul(&sv.v.t()?)?;
             let d_probs = grad::dropout(&d_dropped, self.site(site))?;
             let d_scores = grad::softmax_grad(&sv.probs, &d_probs, self.scale())?;
             let d_k = d_scores.t()?.matmul(&sv.q)?; // [B, H, T, D]
-                                                    // Every row shares the prefix: its gradient is the sum over rows of the first P keys.
+
+            // Every row shares the prefix: its gradient is the sum over rows of the first P keys.
             d_kv.push(Tensor::stack(
                 &[d_k.narrow(2, 0, p)?.sum(0)?, d_v.narrow(2, 0, p)?.sum(0)?],
                 0,
