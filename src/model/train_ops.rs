@@ -165,19 +165,19 @@ impl CustomOp1 for LayerNorm {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let g = grad.broadcast_mul(&self.weight)?.contiguous()?;
-        if !arg.device().is_cpu() {
-            return Ok(Some(layer_norm_grad_composed(
-                &arg.contiguous()?,
-                &g,
-                self.eps,
-            )?));
-        }
-        Ok(Some(
-            arg.contiguous()?
-                .apply_op2_no_bwd(&g, &LayerNormGrad { eps: self.eps })?,
-        ))
+        let g = grad.broadcast_mul(&self.weight)?;
+        Ok(Some(layer_norm_grad(arg, &g, self.eps)?))
     }
+}
+
+/// `dx` of LayerNorm given its input `x` and `g = dy ⊙ γ`: [`LayerNormGrad`] on the CPU, the same
+/// formula in tensor ops elsewhere.
+pub(crate) fn layer_norm_grad(x: &Tensor, g: &Tensor, eps: f32) -> Result<Tensor> {
+    let (x, g) = (x.contiguous()?, g.contiguous()?);
+    if !x.device().is_cpu() {
+        return layer_norm_grad_composed(&x, &g, eps);
+    }
+    x.apply_op2_no_bwd(&g, &LayerNormGrad { eps })
 }
 
 /// `dx` of LayerNorm given `x` and `g = dy ⊙ γ`, row by row:

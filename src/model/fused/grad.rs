@@ -36,18 +36,7 @@ pub(crate) fn ln_grad(x: &Tensor, dy: &Tensor, gamma: &Tensor, eps: f32) -> Resu
     if x.device().is_cuda() {
         return super::cuda_train::ln_grad(&x.contiguous()?, &dy.contiguous()?, gamma, eps);
     }
-    let g = dy.broadcast_mul(gamma)?;
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let centered = x.broadcast_sub(&mean)?;
-    let inv = (centered.sqr()?.mean_keepdim(D::Minus1)? + eps as f64)?
-        .sqrt()?
-        .recip()?;
-    let x_hat = centered.broadcast_mul(&inv)?;
-    let g_mean = g.mean_keepdim(D::Minus1)?;
-    let gx_mean = (&g * &x_hat)?.mean_keepdim(D::Minus1)?;
-    g.broadcast_sub(&g_mean)?
-        .sub(&x_hat.broadcast_mul(&gx_mean)?)?
-        .broadcast_mul(&inv)
+    super::super::train_ops::layer_norm_grad(x, &dy.broadcast_mul(gamma)?, eps)
 }
 
 /// `dx` of `p = softmax(x · scale + mask)` over the last dimension, given `p` and `dp`.
