@@ -12,14 +12,13 @@
 // pointer — so the split kernels and their [B, H, ·, D] copies are not needed either.
 //
 // Layout: one block takes up to 64 queries of one (row, head) (128 with eight warps, an option),
-// one warp per 16 of them. Keys go
-// through shared memory 64 at a time, values transposed (so that both tensor-core operands are
-// read as 32-bit words), rows padded by 8 elements so that a warp's 32 reads hit 32 banks. Each
-// warp multiplies its queries by the chunk's keys with `mma.sync.m16n8k16` (f32 accumulators),
-// keeps a running max and sum per query (online softmax, in base 2), rescales its output
-// accumulators when the max grows, and feeds the probabilities — rounded to T, straight from the
-// accumulator registers, whose layout is the next product's A operand — into probs·V. The output
-// goes to merged-head rows [B·S, H·D] once, divided by the sum.
+// one warp per 16 of them. Keys go through shared memory 64 at a time, values transposed (so that
+// both tensor-core operands are read as 32-bit words), rows padded by 8 elements so that a warp's
+// 32 reads hit 32 banks. Each warp multiplies its queries by the chunk's keys with
+// `mma.sync.m16n8k16` (f32 accumulators), keeps a running max and sum per query (online softmax,
+// in base 2), rescales its output accumulators when the max grows, and feeds the probabilities —
+// rounded to T, straight from the accumulator registers, whose layout is the next product's A
+// operand — into probs·V. The output goes to merged-head rows [B·S, H·D] once, divided by the sum.
 //
 // (It replaces a WMMA version that computed the scores twice and staged them through shared
 // memory: 0.84× of the batched-matmul path.)
