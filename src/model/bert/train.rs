@@ -23,8 +23,11 @@ impl PrefixedBert {
         prompt_embeddings: &Tensor,
         dropout: &mut Dropout,
     ) -> Result<Tensor> {
-        let Some(host) = self.host.as_ref().filter(|_| !reference_path_forced()) else {
-            if !reference_path_forced() && self.device_train_applies() {
+        if reference_path_forced() {
+            return self.pooled_train_reference(rows, prompt_embeddings, dropout);
+        }
+        let Some(host) = self.host.as_ref() else {
+            if self.device_train_applies() {
                 return self.pooled_train_device(rows, prompt_embeddings, dropout);
             }
             return self.pooled_train_reference(rows, prompt_embeddings, dropout);
@@ -77,7 +80,7 @@ impl PrefixedBert {
         let tokens: Vec<(&[u32], &[u32], usize)> = rows.iter().map(|r| (r.0, r.1, p)).collect();
         let batch = HostBatch::build(&tokens, &self.dims())?;
         let op =
-            super::super::fused::train::EncoderTrainDevice::new(self, batch, dropout.next_mask());
+            super::super::fused::train::EncoderTrainDevice::new(self, batch, dropout.next_mask())?;
         Ok(kv.apply_op1(op)?)
     }
 

@@ -30,25 +30,13 @@
 
 #include "kernels/common.cuh"
 
-// LayerNorm of one row held in a warp's registers: v[i] is element lane + 32 i. Two passes (mean,
-// then squared deviations), as PyTorch computes it, not E[x²] − mean².
+// LayerNorm of one row held in a warp's registers (v[i] is element lane + 32 i), stored as T.
 template <typename T, int NV>
 __device__ __forceinline__ void ln_store(float (&v)[NV], int n, const T* gamma, const T* beta,
                                          float eps, T* out) {
     const int lane = threadIdx.x & 31;
-    float s = 0.f;
-#pragma unroll
-    for (int i = 0; i < NV; i++)
-        if (lane + 32 * i < n) s += v[i];
-    const float mean = warp_sum(s) / n;
-    float q = 0.f;
-#pragma unroll
-    for (int i = 0; i < NV; i++)
-        if (lane + 32 * i < n) {
-            const float d = v[i] - mean;
-            q += d * d;
-        }
-    const float inv = rsqrtf(warp_sum(q) / n + eps);
+    float mean, inv;
+    row_stats<NV>(v, n, eps, mean, inv);
 #pragma unroll
     for (int i = 0; i < NV; i++) {
         const int j = lane + 32 * i;
@@ -103,14 +91,8 @@ __device__ void bias_residual_ln(const T* x, const T* bias, const T* residual, c
                 for (int e = 0; e < 4; e++)
                     v[4 * i + e] = (to_f(a.v[e]) + to_f(b.v[e])) + to_f(r.v[e]);
             }
-            float s = 0.f;
-#pragma unroll
-            for (int i = 0; i < NV; i++) s += v[i];
-            const float mean = warp_sum(s) / n;
-            float q = 0.f;
-#pragma unroll
-            for (int i = 0; i < NV; i++) q += (v[i] - mean) * (v[i] - mean);
-            const float inv = rsqrtf(warp_sum(q) / n + eps);
+            float mean, inv;
+            row_stats<NV>(v, n, eps, mean, inv);
             T* o = out + (size_t)row * n;
 #pragma unroll
             for (int i = 0; i < Q; i++) {

@@ -72,13 +72,10 @@ fn prefixes(m: &PrefixedBert, rows: &[EncoderRow<'_>], p_max: usize) -> Result<P
     Ok(Prefixes::new(tasks, row_task, p_max)?)
 }
 
-/// `[B, Hd]` pooled vectors (f32) of a batch already checked by `HostBatch::build`.
-pub(crate) fn pooled(
-    m: &PrefixedBert,
-    rows: &[EncoderRow<'_>],
-    batch: &HostBatch,
-) -> Result<Vec<Vec<f32>>> {
-    let c = m.config();
+/// A batch already checked by `HostBatch::build`, on the device: its embeddings (word + type +
+/// position, LayerNorm) as `[B·S, Hd]` rows and its `[B, Pmax + S]` key mask. Shared by inference
+/// and the training op (`train.rs`), whose embeddings need no gradient.
+pub(crate) fn embedded(m: &PrefixedBert, batch: &HostBatch) -> Result<(Tensor, Tensor)> {
     let device: &Device = m.device();
     let (b, s) = (batch.rows, batch.seq_len);
     let n = b * s;
@@ -89,14 +86,12 @@ pub(crate) fn pooled(
             max_keys()
         )));
     }
-    let prefixes = prefixes(m, rows, batch.p_max)?;
     let ids = Tensor::from_slice(&batch.ids, n, device)?;
     let types = Tensor::from_slice(&batch.types, n, device)?;
     let positions = Tensor::from_slice(&batch.positions, n, device)?;
     let mask = Tensor::from_slice(&batch.mask, (b, batch.p_max + s), device)?;
-
     let e = &m.embeddings;
-    let mut x = ops::embed_ln(
+    let x = ops::embed_ln(
         &ids,
         &types,
         &positions,
@@ -107,6 +102,19 @@ pub(crate) fn pooled(
         &e.layer_norm.bias,
         e.layer_norm.eps,
     )?;
+    Ok((x, mask))
+}
+
+/// `[B, Hd]` pooled vectors (f32) of a batch already checked by `HostBatch::build`.
+pub(crate) fn pooled(
+    m: &PrefixedBert,
+    rows: &[EncoderRow<'_>],
+    batch: &HostBatch,
+) -> Result<Vec<Vec<f32>>> {
+    let c = m.config();
+    let (b, s) = (batch.rows, batch.seq_len);
+    let (mut x, mask) = embedded(m, batch)?;
+    let prefixes = prefixes(m, rows, batch.p_max)?;
     let dims = AttnDims {
         batch: b,
         seq: s,

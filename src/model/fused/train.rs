@@ -53,8 +53,9 @@ struct LayerSaved {
 
 /// The op: prefix `[L, 2, H, P, D]` → pooled `[B, Hd]`, with dropout.
 pub(crate) struct EncoderTrainDevice {
-    embeddings: [Tensor; 5],
-    emb_eps: f32,
+    /// The batch's embeddings before dropout (they need no gradient) and its key mask.
+    embedded: Tensor,
+    mask: Tensor,
     layers: Vec<LayerWeights>,
     pooler: (Tensor, Tensor),
     heads: usize,
@@ -66,18 +67,16 @@ pub(crate) struct EncoderTrainDevice {
 
 impl EncoderTrainDevice {
     /// The op for one step over `batch` (every row with the same prefix of `batch.p_max`).
-    pub(crate) fn new(m: &PrefixedBert, batch: HostBatch, drop: DropMask) -> Self {
-        let e = &m.embeddings;
+    pub(crate) fn new(
+        m: &PrefixedBert,
+        batch: HostBatch,
+        drop: DropMask,
+    ) -> super::super::Result<Self> {
         let c = m.config();
-        Self {
-            embeddings: [
-                e.word_embeddings.clone(),
-                e.token_type_embeddings.clone(),
-                e.position_embeddings.clone(),
-                e.layer_norm.weight.clone(),
-                e.layer_norm.bias.clone(),
-            ],
-            emb_eps: e.layer_norm.eps,
+        let (embedded, mask) = super::embedded(m, &batch)?;
+        Ok(Self {
+            embedded,
+            mask,
             layers: m
                 .layers
                 .iter()
@@ -111,7 +110,7 @@ impl EncoderTrainDevice {
             batch,
             drop,
             saved: Mutex::new(None),
-        }
+        })
     }
 
     fn dims(&self) -> AttnDims {
@@ -137,22 +136,14 @@ impl EncoderTrainDevice {
 
     /// `tanh(pooler(h[:, 0]))` of the encoder run with prefix `kv`, keeping what the backward needs.
     fn forward(&self, kv: &Tensor) -> Result<Tensor> {
-        let device = kv.device();
-        let (bt, d) = (&self.batch, self.dims());
-        let n = bt.rows * bt.seq_len;
-        let ids = Tensor::from_slice(&bt.ids, n, device)?;
-        let types = Tensor::from_slice(&bt.types, n, device)?;
-        let positions = Tensor::from_slice(&bt.positions, n, device)?;
-        let mask = Tensor::from_slice(&bt.mask, (bt.rows, d.keys()), device)?;
-        let [word, ty, pos, g, b] = &self.embeddings;
-        let x = ops::embed_ln(&ids, &types, &positions, word, ty, pos, g, b, self.emb_eps)?;
-        let mut x = grad::dropout(&x, self.site(0))?;
+        let (bt, d, mask) = (&self.batch, self.dims(), &self.mask);
+        let mut x = grad::dropout(&self.embedded, self.site(0))?;
         let prefixes = Prefixes::new(vec![kv.contiguous()?], vec![0; bt.rows], bt.p_max)?;
         let mut saved = Vec::with_capacity(self.layers.len());
         for (l, w) in self.layers.iter().enumerate() {
             let site = 1 + 3 * l as u32;
             let (q, k, v) = ops::split_qkv(&x.matmul(&w.qkv_w)?, &w.qkv_b, &prefixes, l, &d)?;
-            let probs = ops::masked_softmax(&q.matmul(&k.t()?)?, &mask, self.scale())?;
+            let probs = ops::masked_softmax(&q.matmul(&k.t()?)?, mask, self.scale())?;
             let probs_dropped = grad::dropout(&probs, self.site(site))?;
             let ctx = ops::merge_heads(&probs_dropped.matmul(&v)?)?;
             let a = ctx.matmul(&w.attn_out_w)?.broadcast_add(&w.attn_out_b)?;

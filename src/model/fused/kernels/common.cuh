@@ -40,3 +40,25 @@ __device__ __forceinline__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
+
+// Mean and 1/σ of a row of n values held in a warp's registers, v[i] being element lane + 32 i
+// (slots past the row end are skipped; a row of exactly 32·NV values may sit in the lanes in any
+// order). Two passes (mean, then squared deviations), as PyTorch computes it, not E[x²] − mean².
+template <int NV>
+__device__ __forceinline__ void row_stats(const float (&v)[NV], int n, float eps, float& mean,
+                                          float& inv) {
+    const int lane = threadIdx.x & 31;
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < NV; i++)
+        if (lane + 32 * i < n) s += v[i];
+    mean = warp_sum(s) / n;
+    float q = 0.f;
+#pragma unroll
+    for (int i = 0; i < NV; i++)
+        if (lane + 32 * i < n) {
+            const float d = v[i] - mean;
+            q += d * d;
+        }
+    inv = rsqrtf(warp_sum(q) / n + eps);
+}

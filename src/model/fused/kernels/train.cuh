@@ -31,23 +31,14 @@ __device__ void ln_grad(const float* x, const float* dy, const float* gamma, flo
     const float* xr = x + (size_t)row * n;
     const float* dr = dy + (size_t)row * n;
     float v[NV], g[NV];
-    float s = 0.f;
 #pragma unroll
     for (int i = 0; i < NV; i++) {
         const int j = lane + 32 * i;
         v[i] = j < n ? xr[j] : 0.f;
         g[i] = j < n ? dr[j] * gamma[j] : 0.f;
-        s += v[i];
     }
-    const float mean = warp_sum(s) / n;
-    float q = 0.f;
-#pragma unroll
-    for (int i = 0; i < NV; i++)
-        if (lane + 32 * i < n) {
-            const float d = v[i] - mean;
-            q += d * d;
-        }
-    const float inv = rsqrtf(warp_sum(q) / n + eps);
+    float mean, inv;
+    row_stats<NV>(v, n, eps, mean, inv);
     float gs = 0.f, gx = 0.f;
 #pragma unroll
     for (int i = 0; i < NV; i++) {
