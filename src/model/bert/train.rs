@@ -32,9 +32,7 @@ impl PrefixedBert {
             }
             return self.pooled_train_reference(rows, prompt_embeddings, dropout);
         };
-        let (p, kv) = self.prefix_layers(prompt_embeddings)?;
-        let dims = self.dims();
-        let tokens: Vec<(&[u32], &[u32], usize)> = rows.iter().map(|r| (r.0, r.1, p)).collect();
+        let (kv, batch) = self.train_inputs(rows, prompt_embeddings)?;
         let back = match self.backward.get() {
             Some(back) => back.clone(),
             None => {
@@ -45,8 +43,8 @@ impl PrefixedBert {
         let op = cpu_train::EncoderTrain {
             host: host.clone(),
             back,
-            batch: HostBatch::build(&tokens, &dims)?,
-            p,
+            p: batch.p_max,
+            batch,
             drop: dropout.next_mask(),
             saved: Default::default(),
         };
@@ -76,9 +74,7 @@ impl PrefixedBert {
                     .into(),
             ));
         }
-        let (p, kv) = self.prefix_layers(prompt_embeddings)?;
-        let tokens: Vec<(&[u32], &[u32], usize)> = rows.iter().map(|r| (r.0, r.1, p)).collect();
-        let batch = HostBatch::build(&tokens, &self.dims())?;
+        let (kv, batch) = self.train_inputs(rows, prompt_embeddings)?;
         let op =
             super::super::fused::train::EncoderTrainDevice::new(self, batch, dropout.next_mask())?;
         Ok(kv.apply_op1(op)?)
@@ -92,11 +88,10 @@ impl PrefixedBert {
         prompt_embeddings: &Tensor,
         dropout: &mut Dropout,
     ) -> Result<Tensor> {
+        let (kv, batch) = self.train_inputs(rows, prompt_embeddings)?;
         let dims = self.dims();
-        let (p, kv) = self.prefix_layers(prompt_embeddings)?;
-        let (h, d) = (dims.heads, dims.head_dim);
-        let tokens: Vec<(&[u32], &[u32], usize)> = rows.iter().map(|r| (r.0, r.1, p)).collect();
-        let inputs = TokenBatch::new(&HostBatch::build(&tokens, &dims)?, &self.device)?;
+        let (h, d, p) = (dims.heads, dims.head_dim, batch.p_max);
+        let inputs = TokenBatch::new(&batch, &self.device)?;
         let b = inputs.rows;
         let prefix = |layer: usize| -> Result<Tensor> {
             Ok(kv.get(layer)?.unsqueeze(1)?.broadcast_as((2, b, h, p, d))?)
@@ -104,8 +99,14 @@ impl PrefixedBert {
         self.encode(&inputs, prefix, &mut Some(dropout))
     }
 
-    /// `[P, L·2·Hd]` → `[L, 2, H, P, D]`: the same permutation `PrefixKv` does at load.
-    fn prefix_layers(&self, prompt_embeddings: &Tensor) -> Result<(usize, Tensor)> {
+    /// What every training forward starts from: the prefix `[P, L·2·Hd]` → `[L, 2, H, P, D]` (the
+    /// same permutation `PrefixKv` does at load) and the rows as a checked batch, each row behind
+    /// the P prefix positions (so `batch.p_max` is P).
+    fn train_inputs(
+        &self,
+        rows: &[(&[u32], &[u32])],
+        prompt_embeddings: &Tensor,
+    ) -> Result<(Tensor, HostBatch)> {
         let dims = self.dims();
         let (p, width) = prompt_embeddings.dims2()?;
         let (l, h, d) = (dims.layers, dims.heads, dims.head_dim);
@@ -119,7 +120,8 @@ impl PrefixedBert {
             .reshape((p, l, 2, h, d))?
             .permute((1, 2, 3, 0, 4))?
             .contiguous()?;
-        Ok((p, kv))
+        let tokens: Vec<(&[u32], &[u32], usize)> = rows.iter().map(|r| (r.0, r.1, p)).collect();
+        Ok((kv, HostBatch::build(&tokens, &dims)?))
     }
 
     /// Each dense layer's weight as the backward multiplies by it: `[out, in]`, packed.
